@@ -1,0 +1,37 @@
+"""ComfyUI node layer. The only package of the pack that imports ComfyUI (comfy*, folder_paths,
+server); everything heavy lives in ``trainer/`` and is reached through data only."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+logger = logging.getLogger(__name__)
+
+# One module per concern; each exposes NODES: list[type[io.ComfyNode]].
+_NODE_MODULES = (
+    "dataset",
+    "identifier",
+    "train",
+    "lora_loader",
+    "controlnet",
+)
+
+
+class DreamBoothExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        node_list: list[type[io.ComfyNode]] = []
+        for name in _NODE_MODULES:
+            try:
+                module = importlib.import_module(f".{name}", __name__)
+            except ModuleNotFoundError as exc:
+                if exc.name == f"{__name__}.{name}":
+                    continue  # module not written yet in this checkout
+                raise
+            node_list.extend(module.NODES)
+        return node_list

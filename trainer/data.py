@@ -1,0 +1,499 @@
+"""Training images: find them, decode them safely, crop them, and order them reproducibly.
+
+ComfyUI-free and self-contained (Pillow, numpy, torch only). Every problem with the user's files is
+raised as `DataError`, whose message names the file and says how to fix it, so the node can show it
+as is.
+
+Folder layout (kohya-compatible):
+
+    photos/
+        a.jpg            repeats 1
+        a.txt            caption of a.jpg (UTF-8, optional)
+        10_dog/b.png     repeats 10 (folder name "N_name", N >= 1)
+        extra/c.jpg      repeats 1 (subfolders not named "N_name" are still scanned)
+
+Repeats come from the first-level subfolder only; deeper folders inherit it. Hidden files and
+folders (".DS_Store", "._a.jpg" AppleDouble files, ".git/") are skipped, because macOS and zip tools
+scatter them with image-looking names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+# Files that normally sit beside training images and need no comment.
+_QUIET_EXTENSIONS: frozenset[str] = frozenset({".txt", ".json", ".caption", ".md", ".toml", ".yaml", ".yml"})
+_QUIET_NAMES: frozenset[str] = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
+
+_REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
+# A folder such as "2023_holiday" also matches the kohya pattern; above this we say so.
+_SUSPICIOUS_REPEATS = 100
+_CROP_MODES = ("center", "random")
+_SUPPORTED = ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+class DataError(ValueError):
+    """Bad user data; the message names the file and the fix."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path
+    caption: str | None
+    repeats: int
+
+
+@dataclass
+class PreparedImage:
+    record: ImageRecord
+    pixels: torch.Tensor  # CHW float32 in [-1, 1], resolution x resolution
+    width: int  # original size, after EXIF orientation
+    height: int
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- scanning
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _QUIET_NAMES
+
+
+def _read_caption(image_path: Path) -> str | None:
+    caption_path = image_path.with_suffix(".txt")
+    if not caption_path.is_file():
+        return None
+    try:
+        # utf-8-sig: Windows Notepad writes a BOM that would otherwise start the caption.
+        text = caption_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"Caption file {caption_path} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+            "save it as UTF-8 text.",
+            caption_path,
+        ) from exc
+    except OSError as exc:
+        raise DataError(f"Caption file {caption_path} cannot be read ({exc}); check its permissions.",
+                        caption_path) from exc
+    text = text.strip()
+    return text or None
+
+
+def _repeats_for(folder_name: str, folder: Path) -> int:
+    match = _REPEATS_DIR.match(folder_name)
+    if not match:
+        return 1
+    repeats = int(match.group(1))
+    if repeats < 1:
+        raise DataError(
+            f"Folder {folder} asks for {repeats} repeats (kohya naming 'N_name'); N must be at least 1. "
+            "Rename it, e.g. to '1_" + match.group(2) + "', or move it out of the images folder.",
+            folder,
+        )
+    if repeats > _SUSPICIOUS_REPEATS:
+        logger.warning(
+            "Folder %s gives each of its images %d repeats (kohya naming 'N_name'); rename it if that "
+            "number is part of its name rather than a repeat count.", folder, repeats)
+    return repeats
+
+
+def _probe_image(path: Path, role: str) -> None:
+    """Reject files whose name says image but whose content is not, before any training starts."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path):
+                pass  # the header parsed: enough here; load_image does the full decode
+    except Image.DecompressionBombError:
+        return  # a real image; load_image explains why it is refused
+    except UnidentifiedImageError as exc:
+        raise DataError(
+            f"{path} has an image file name but is not an image that can be read; re-save it as JPEG or "
+            f"PNG, or remove it from the {role} images folder.",
+            path,
+        ) from exc
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc}); check that it exists and is readable.", path) from exc
+
+
+def scan_image_folder(folder: Path, *, role: str = "instance") -> list[ImageRecord]:
+    """All images under `folder`, sorted by relative path (same order on every OS and run).
+
+    Top-level images get repeats 1; images in a first-level subfolder named "N_name" get repeats N;
+    other subfolders are scanned with repeats 1. Captions come from a sidecar "<stem>.txt".
+    Captions, JSON and hidden files are ignored silently; other unknown files with a warning.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"The {role} images folder {folder} does not exist; check the path.", folder)
+    if not folder.is_dir():
+        raise DataError(
+            f"The {role} images path {folder} is a file, not a folder; give the folder that holds the images.",
+            folder,
+        )
+
+    found: list[tuple[str, Path, int]] = []
+    unknown: list[str] = []
+    repeats_by_top: dict[str, int] = {}
+    # os.walk without followlinks: a symlink loop must not hang the scan.
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=None, followlinks=False):
+        current = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        rel_dir = current.relative_to(folder)
+        repeats = 1
+        if rel_dir.parts:
+            top = rel_dir.parts[0]
+            if top not in repeats_by_top:
+                repeats_by_top[top] = _repeats_for(top, folder / top)
+            repeats = repeats_by_top[top]
+        for name in filenames:
+            if _is_hidden(name):
+                continue
+            path = current / name
+            suffix = path.suffix.lower()
+            if suffix in IMAGE_EXTENSIONS:
+                found.append(((rel_dir / name).as_posix(), path, repeats))
+            elif suffix not in _QUIET_EXTENSIONS:
+                unknown.append((rel_dir / name).as_posix())
+
+    if unknown:
+        unknown.sort()
+        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        logger.warning("Ignoring %d file(s) in the %s images folder %s that are not images (supported: %s): %s",
+                       len(unknown), role, folder, _SUPPORTED, shown)
+    if not found:
+        raise DataError(
+            f"The {role} images folder {folder} contains no images; supported: {_SUPPORTED}. "
+            "Put the photos directly in it or in subfolders.",
+            folder,
+        )
+
+    found.sort(key=lambda item: item[0])
+    records = []
+    for _rel, path, repeats in found:
+        _probe_image(path, role)
+        records.append(ImageRecord(path=path, caption=_read_caption(path), repeats=repeats))
+    return records
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+@contextlib.contextmanager
+def _strict_decoding() -> Iterator[None]:
+    """Refuse truncated files and decompression bombs, whatever other code set globally.
+
+    ComfyUI and some libraries set ImageFile.LOAD_TRUNCATED_IMAGES = True process-wide, which would let
+    a half-downloaded photo train as a grey smear.
+    """
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _bomb_error(path: Path, exc: Exception) -> DataError:
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = f"{int(match.group(1)):,} pixels" if match else "too many pixels"
+    limit = Image.MAX_IMAGE_PIXELS
+    limit_text = f" (limit {limit:,})" if limit else ""
+    return DataError(
+        f"{path} has {pixels}{limit_text}; images this large are refused for safety (a decompression bomb "
+        "can exhaust memory). Downscale it, e.g. to 2048 px on the long side, and retry.",
+        path,
+    )
+
+
+def _to_8bit_gray(image: Image.Image) -> Image.Image:
+    """High-bit-depth and float grayscale -> 8-bit, scaled by the mode's real range instead of clipping."""
+    values = np.asarray(image).astype(np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    lo = float(values.min()) if values.size else 0.0
+    hi = float(values.max()) if values.size else 0.0
+    if image.mode.startswith("I;16") and not image.mode.startswith("I;16S"):
+        scaled = values * (255.0 / 65535.0)
+    elif image.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scaled = values * 255.0
+    elif image.mode == "F" and lo >= 0.0 and hi <= 255.0:
+        scaled = values
+    elif image.mode != "F" and lo >= 0.0 and hi <= 65535.0:
+        # Pillow decodes 16-bit PNG/TIFF grayscale into "I" on some versions: treat it as 16-bit.
+        scaled = values * (255.0 / 65535.0)
+    else:
+        # No natural full scale (signed or out-of-range data): stretch what is there.
+        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def _composite(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    rgba = image.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        return _composite(image, background)
+    if mode == "P":
+        if "transparency" in image.info:
+            return _composite(image, background)
+        return image.convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _to_8bit_gray(image).convert("RGB")
+    # "1", "L", "CMYK", "YCbCr", "LAB", "HSV", "RGBX": Pillow knows the way to RGB.
+    return image.convert("RGB")
+
+
+def load_image(path: Path, *, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Open and fully decode `path` to 8-bit RGB, upright per its EXIF orientation.
+
+    Transparent pixels are composited on `background`. Raises DataError for missing, unreadable,
+    truncated or oversized files.
+    """
+    path = Path(path)
+    try:
+        with _strict_decoding(), Image.open(path) as opened:
+            # load() forces the full decode: Image.open only reads the header, so truncation would
+            # otherwise surface later, inside the training loop.
+            opened.load()
+            if getattr(opened, "n_frames", 1) > 1:
+                logger.info("%s has %d frames; using the first.", path, opened.n_frames)
+            try:
+                image = ImageOps.exif_transpose(opened)
+            except Exception as exc:  # broken EXIF must not cost the user a photo
+                logger.warning("%s: ignoring unreadable EXIF orientation (%s).", path, exc)
+                image = opened.copy()
+            rgb = _to_rgb(image, background)
+            if rgb is opened:
+                rgb = opened.copy()
+    except DataError:
+        raise
+    except FileNotFoundError as exc:
+        raise DataError(f"Image {path} does not exist; check the path or rescan the folder.", path) from exc
+    except PermissionError as exc:
+        raise DataError(f"Image {path} cannot be read (permission denied); fix its permissions.", path) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(path, exc) from exc
+    except UnidentifiedImageError as exc:
+        raise DataError(
+            f"{path} is not an image that can be read; re-save it as JPEG or PNG, or remove it.", path
+        ) from exc
+    except Exception as exc:  # malformed files raise anything, from OSError to IndexError
+        raise DataError(
+            f"{path} is truncated or corrupt and cannot be decoded ({type(exc).__name__}: {exc}); "
+            "re-copy or re-export the original photo, or remove it.",
+            path,
+        ) from exc
+    return rgb
+
+
+# --------------------------------------------------------------------------------------------- geometry
+
+
+def resize_and_crop(image: Image.Image, resolution: int, *, crop: str = "center",
+                    rng: random.Random | None = None) -> Image.Image:
+    """Scale so the short side is `resolution` and cut a `resolution` square (center or random).
+
+    The crop box is chosen in source coordinates and resampled in one Lanczos pass, which gives the
+    same result as resize-then-crop without resampling pixels that are thrown away. Small images are
+    upscaled; prepare_images warns about them.
+    """
+    if int(resolution) != resolution or resolution < 1:
+        raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+    if crop not in _CROP_MODES:
+        raise ValueError(f"crop must be one of {_CROP_MODES}, got {crop!r}")
+    if crop == "random" and rng is None:
+        raise ValueError("crop='random' needs rng=random.Random(seed) so the crop is reproducible")
+    width, height = image.size
+    side = min(width, height)
+    if crop == "center":
+        left, top = (width - side) / 2, (height - side) / 2
+    else:
+        assert rng is not None
+        left, top = rng.randint(0, width - side), rng.randint(0, height - side)
+    box = (left, top, left + side, top + side)
+    # reducing_gap: a box-filter pre-reduction for big downscales, then Lanczos; visually identical and
+    # several times faster on 12-megapixel phone photos.
+    return image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 CHW tensor in [-1, 1] (the range the SD VAE expects)."""
+    if image.mode != "RGB":
+        raise ValueError(f"image_to_tensor needs an RGB image, got mode {image.mode!r}; use load_image()")
+    array = np.array(image, dtype=np.uint8, copy=True)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32)
+    return tensor.div_(127.5).sub_(1.0).contiguous()
+
+
+def tensor_to_image(t: torch.Tensor) -> Image.Image:
+    """CHW (or 1xCHW) tensor in [-1, 1] -> RGB PIL image; values outside the range are clipped."""
+    t = t.detach().to("cpu", torch.float32)
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 3 or t.shape[0] not in (1, 3):
+        raise ValueError(f"tensor_to_image needs a CHW tensor with 1 or 3 channels, got shape {tuple(t.shape)}")
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    array = ((t.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+
+def _size_warnings(path: Path, width: int, height: int, resolution: int) -> list[str]:
+    found = []
+    if min(width, height) < resolution:
+        found.append(
+            f"{path} is {width}x{height}, smaller than the training resolution {resolution}: it will be "
+            f"upscaled (blurry training data); use images of at least {resolution} px on the short side."
+        )
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > 2.0:
+        found.append(
+            f"{path} is {width}x{height}: the square crop keeps only {100.0 / ratio:.0f}% of it; crop it "
+            "yourself around the subject so it is not cut off."
+        )
+    return found
+
+
+def prepare_images(records: Sequence[ImageRecord], resolution: int, *, crop: str = "center",
+                   background: tuple[int, int, int] = (255, 255, 255), seed: int = 0) -> list[PreparedImage]:
+    """Load, crop and convert every record. All unreadable files are reported together in one DataError."""
+    rng = random.Random(seed) if crop == "random" else None
+    prepared: list[PreparedImage] = []
+    errors: list[DataError] = []
+    for record in records:
+        try:
+            image = load_image(record.path, background=background)
+        except DataError as exc:
+            errors.append(exc)
+            continue
+        width, height = image.size
+        notes = _size_warnings(record.path, width, height, resolution)
+        for note in notes:
+            logger.warning("%s", note)
+        square = resize_and_crop(image, resolution, crop=crop, rng=rng)
+        prepared.append(PreparedImage(record=record, pixels=image_to_tensor(square),
+                                      width=width, height=height, warnings=notes))
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        listing = "\n".join(f"- {exc}" for exc in errors)
+        raise DataError(f"{len(errors)} images cannot be used:\n{listing}", errors[0].path)
+    return prepared
+
+
+# --------------------------------------------------------------------------------------------- ordering
+
+
+def expand_repeats(records: Sequence[ImageRecord]) -> list[int]:
+    """Indices into `records`, each repeated `repeats` times: one epoch's sample list, unshuffled."""
+    return [index for index, record in enumerate(records) for _ in range(record.repeats)]
+
+
+def _epoch_rng(seed: int, epoch: int) -> random.Random:
+    # Hash (seed, epoch) so negative seeds and neighbouring epochs give unrelated streams; int seeding of
+    # random.Random is stable across Python versions.
+    digest = hashlib.sha256(f"dreambooth-epoch:{int(seed)}:{int(epoch)}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:16], "big"))
+
+
+def epoch_order(num_items: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
+    """Deterministic permutation of range(num_items) for `epoch`, independent of any global RNG.
+
+    Fisher-Yates over rng.random() instead of random.shuffle: Python guarantees random()'s sequence
+    across versions but not shuffle's algorithm, and a resumed run must read the same order.
+    """
+    if num_items < 0:
+        raise ValueError(f"num_items must be >= 0, got {num_items}")
+    order = list(range(num_items))
+    if not shuffle:
+        return order
+    rng = _epoch_rng(seed, epoch)
+    for i in range(num_items - 1, 0, -1):
+        j = int(rng.random() * (i + 1))
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def stream_position(num_items: int, index: int) -> tuple[int, int]:
+    """(epoch, offset within the epoch) of item `index` of the sample stream."""
+    if num_items < 1:
+        raise ValueError(f"num_items must be >= 1, got {num_items}")
+    if index < 0:
+        raise ValueError(f"index must be >= 0, got {index}")
+    return divmod(index, num_items)
+
+
+def sample_stream(num_items: int, seed: int, start: int, count: int, shuffle: bool = True) -> list[int]:
+    """Items [start, start + count) of epoch_order(0) ++ epoch_order(1) ++ ...
+
+    A run resumed at sample `start` reads exactly what an uninterrupted run would have read there.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if count == 0:
+        return []
+    epoch, offset = stream_position(num_items, start)
+    out: list[int] = []
+    while len(out) < count:
+        order = epoch_order(num_items, epoch, seed, shuffle)
+        out.extend(order[offset:offset + count - len(out)])
+        epoch, offset = epoch + 1, 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------- identity
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:
+        raise DataError(f"Image {path} cannot be read ({exc}); check that it still exists.", path) from exc
+
+
+def dataset_fingerprint(records: Sequence[ImageRecord]) -> str:
+    """sha256 of the dataset as training sees it: each file's content hash, caption and repeats, in order.
+
+    Paths and timestamps are left out, so moving the folder or touching files keeps the fingerprint,
+    while editing, adding, removing or reordering images, captions or repeats changes it.
+    """
+    content: dict[Path, str] = {}
+    entries = []
+    for record in records:
+        key = Path(record.path).resolve()
+        if key not in content:
+            content[key] = _file_sha256(key)
+        entries.append([content[key], record.caption, record.repeats])
+    payload = json.dumps({"version": 1, "images": entries}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -1,0 +1,358 @@
+"""Loading Stable Diffusion 1.x / 2.x base models, offline only.
+
+A single-file checkpoint (what users keep in ComfyUI's ``models/checkpoints``) is converted with
+diffusers' own LDM converters, but the UNet, VAE and text-encoder *configs* are read off the
+tensor shapes (as ComfyUI does) instead of being fetched from the hub. That keeps loading offline
+and lets the same code path load a real SD1.5 file and the tiny test checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_DIR = ASSETS / "clip_tokenizer"
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_L_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SUPPORTED = "Stable Diffusion 1.x and 2.x (single-file .safetensors/.ckpt or a diffusers folder)"
+# SD's standard noise schedule, shared by 1.x and 2.x.
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+
+def force_offline() -> None:
+    """The engine never talks to a model hub: a missing file must be an error, not a download."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        os.environ[var] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@dataclass
+class BaseModel:
+    family: str  # "sd1" or "sd2"
+    prediction_type: str  # "epsilon" or "v_prediction"
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    noise_scheduler: Any
+    name: str
+    sha256: str
+
+
+# --- reading checkpoints ---------------------------------------------------------------------------
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
+            raise ConfigError(
+                "pretrained_model",
+                f"{path} could not be read as plain weights ({exc.__class__.__name__}). Only tensors are "
+                "loaded from .ckpt files, for safety; convert it to .safetensors.",
+            ) from exc
+        return data.get("state_dict", data) if isinstance(data, dict) else data
+    raise ConfigError("pretrained_model", f"{path}: unsupported file type '{suffix}'. Supported: {SUPPORTED}.")
+
+
+def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """'sd1' or 'sd2' from tensor names and shapes; anything else is a clear error."""
+    keys = shapes.keys()
+    if any(k.startswith("conditioner.embedders.1") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in shapes:
+        raise ConfigError("pretrained_model", f"this is an SDXL checkpoint; supported: {SUPPORTED}.")
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        family = "Flux/SD3/other DiT" if any(k.startswith(("double_blocks", "joint_blocks", "model.diffusion_model.joint")) for k in keys) else "unknown"
+        raise ConfigError("pretrained_model", f"no Stable Diffusion UNet found (looks like: {family}); supported: {SUPPORTED}.")
+    attn2 = [s for k, s in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
+    if not attn2:
+        raise ConfigError("pretrained_model", f"UNet has no cross-attention layers; supported: {SUPPORTED}.")
+    context_dim = attn2[0][1]
+    if context_dim == 768 and any(k.startswith(CLIP_L_PREFIX) for k in keys):
+        return "sd1"
+    if context_dim == 1024 and any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
+        return "sd2"
+    raise ConfigError(
+        "pretrained_model",
+        f"unsupported model: cross-attention width {context_dim} with this text encoder; supported: {SUPPORTED}.",
+    )
+
+
+def detect_prediction_type(state_dict: Mapping[str, torch.Tensor], family: str) -> str:
+    if family == "sd1":
+        return "epsilon"
+    # The heuristic ComfyUI uses: SD2 768-v models have a much wider spread in this norm's bias.
+    in_channels = state_dict[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1]
+    bias = state_dict.get(UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias")
+    if in_channels == 4 and bias is not None and torch.std(bias.float(), unbiased=False) > 0.09:
+        return "v_prediction"
+    return "epsilon"
+
+
+def _count(keys: list[str], pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({m.group(1) for k in keys if (m := regex.match(k))})
+
+
+def unet_config_from_ldm(sd: Mapping[str, torch.Tensor], family: str) -> dict[str, Any]:
+    """A diffusers UNet2DConditionModel config read off LDM tensor shapes."""
+    p = UNET_PREFIX
+    keys = [k for k in sd if k.startswith(p)]
+    conv_in = sd[p + "input_blocks.0.0.weight"]
+    model_channels, in_channels = conv_in.shape[0], conv_in.shape[1]
+    levels: list[dict[str, Any]] = [{"res": 0, "attn": False, "depth": 1, "ch": model_channels}]
+    block = 1
+    while any(k.startswith(f"{p}input_blocks.{block}.") for k in keys):
+        if f"{p}input_blocks.{block}.0.op.weight" in sd:  # downsample closes a level
+            levels.append({"res": 0, "attn": False, "depth": 1, "ch": None})
+        else:
+            level = levels[-1]
+            level["res"] += 1
+            level["ch"] = sd[f"{p}input_blocks.{block}.0.out_layers.3.weight"].shape[0]
+            if f"{p}input_blocks.{block}.1.proj_in.weight" in sd:
+                level["attn"] = True
+                level["depth"] = _count(keys, rf"{re.escape(p)}input_blocks\.{block}\.1\.transformer_blocks\.(\d+)\.")
+        block += 1
+    proj_in = next(sd[k] for k in keys if k.endswith("1.proj_in.weight"))
+    context_dim = next(sd[k] for k in keys if k.endswith("attn2.to_k.weight")).shape[1]
+    channels = [lv["ch"] for lv in levels]
+    depths = [lv["depth"] for lv in levels]
+    if family == "sd1":
+        heads: int | list[int] = 8
+    else:
+        heads = [c // 64 for c in channels]
+    down = ["CrossAttnDownBlock2D" if lv["attn"] else "DownBlock2D" for lv in levels]
+    up = ["CrossAttnUpBlock2D" if lv["attn"] else "UpBlock2D" for lv in reversed(levels)]
+    has_mid_attn = f"{p}middle_block.1.proj_in.weight" in sd
+    return {
+        "sample_size": 64 if family == "sd1" else 96,
+        "in_channels": in_channels,
+        "out_channels": sd[p + "out.2.weight"].shape[0],
+        "down_block_types": down,
+        "up_block_types": up,
+        "block_out_channels": channels,
+        "layers_per_block": levels[0]["res"],
+        "cross_attention_dim": context_dim,
+        "attention_head_dim": heads,
+        "use_linear_projection": proj_in.ndim == 2,
+        "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if has_mid_attn else None,
+    }
+
+
+def vae_config_from_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    p = VAE_PREFIX + "encoder."
+    keys = [k for k in sd if k.startswith(p)]
+    n_levels = _count(keys, rf"{re.escape(p)}down\.(\d+)\.")
+    n_res = _count(keys, rf"{re.escape(p)}down\.0\.block\.(\d+)\.")
+    channels = [sd[f"{p}down.{i}.block.{n_res - 1}.conv2.weight"].shape[0] for i in range(n_levels)]
+    return {
+        "in_channels": sd[p + "conv_in.weight"].shape[1],
+        "out_channels": sd[VAE_PREFIX + "decoder.conv_out.weight"].shape[0],
+        "down_block_types": ["DownEncoderBlock2D"] * n_levels,
+        "up_block_types": ["UpDecoderBlock2D"] * n_levels,
+        "block_out_channels": channels,
+        "layers_per_block": n_res,
+        "latent_channels": sd[p + "conv_out.weight"].shape[0] // 2,
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+    }
+
+
+def _text_encoder_from_ldm(sd: Mapping[str, torch.Tensor], family: str) -> torch.nn.Module:
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if family == "sd1":
+        converted = sfu.convert_ldm_clip_checkpoint(dict(sd))
+        hidden = converted["text_model.embeddings.token_embedding.weight"].shape[1]
+        n_layers = _count(list(converted), r"text_model\.encoder\.layers\.(\d+)\.")
+        config = CLIPTextConfig(
+            vocab_size=converted["text_model.embeddings.token_embedding.weight"].shape[0],
+            hidden_size=hidden,
+            intermediate_size=converted["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=n_layers,
+            num_attention_heads=hidden // 64,
+            max_position_embeddings=converted["text_model.embeddings.position_embedding.weight"].shape[0],
+            hidden_act="quick_gelu",
+            projection_dim=hidden,
+        )
+    else:
+        width = sd[OPEN_CLIP_PREFIX + "token_embedding.weight"].shape[1]
+        n_blocks = _count(list(sd), rf"{re.escape(OPEN_CLIP_PREFIX)}transformer\.resblocks\.(\d+)\.")
+        # SD2 conditions on the penultimate layer: diffusers drops the last block, as here.
+        config = CLIPTextConfig(
+            vocab_size=sd[OPEN_CLIP_PREFIX + "token_embedding.weight"].shape[0],
+            hidden_size=width,
+            intermediate_size=sd[OPEN_CLIP_PREFIX + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            num_hidden_layers=n_blocks - 1,
+            num_attention_heads=width // 64,
+            max_position_embeddings=sd[OPEN_CLIP_PREFIX + "positional_embedding"].shape[0],
+            hidden_act="gelu",
+            projection_dim=512,
+        )
+        with torch.device("meta"):
+            probe = CLIPTextModel(config)
+        converted = sfu.convert_open_clip_checkpoint(probe, dict(sd))
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    _load_into(model, converted, what="text encoder")
+    return model
+
+
+def _load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Load converted weights, matching transformers 4.x ('text_model.' level) and 5.x (none)."""
+    expected = module.state_dict()
+    fixed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key not in expected and key.startswith("text_model.") and key[len("text_model."):] in expected:
+            key = key[len("text_model."):]
+        if key in expected:
+            fixed[key] = value.to(expected[key].dtype)
+    missing = [k for k in expected if k not in fixed and not k.endswith("position_ids")]
+    if missing:
+        raise ConfigError("pretrained_model", f"{what} weights incomplete: {len(missing)} missing, e.g. {missing[:3]}")
+    for key, value in fixed.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ConfigError("pretrained_model", f"{what} tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    # Buffers such as position_ids are not in the file: materialise them before assigning.
+    for name, buf in list(module.named_buffers()):
+        if name not in fixed:
+            owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("position_ids"):
+                owner.register_buffer(leaf, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
+    module.load_state_dict(fixed, strict=False, assign=True)
+
+
+def _load_single_file(path: Path) -> tuple[str, str, torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    sd = read_state_dict(path)
+    family = detect_family({k: tuple(v.shape) for k, v in sd.items()})
+    prediction = detect_prediction_type(sd, family)
+    unet_cfg = unet_config_from_ldm(sd, family)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_cfg)
+    _load_into(unet, sfu.convert_ldm_unet_checkpoint(sd, unet_cfg), what="UNet")
+    vae_cfg = vae_config_from_ldm(sd)
+    with torch.device("meta"):
+        vae = AutoencoderKL(**vae_cfg)
+    _load_into(vae, sfu.convert_ldm_vae_checkpoint(sd, vae_cfg), what="VAE")
+    text_encoder = _text_encoder_from_ldm(sd, family)
+    return family, prediction, unet, vae, text_encoder
+
+
+def _load_diffusers_folder(path: Path) -> tuple[str, str, torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    missing = [sub for sub in ("unet", "vae", "text_encoder") if not (path / sub).is_dir()]
+    if missing:
+        raise ConfigError("pretrained_model", f"{path} is not a diffusers model folder (missing {', '.join(missing)}/).")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+    if unet.config.cross_attention_dim not in (768, 1024) or unet.config.addition_embed_type:
+        raise ConfigError("pretrained_model", f"unsupported UNet in {path}; supported: {SUPPORTED}.")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+    family = "sd1" if unet.config.cross_attention_dim == 768 else "sd2"
+    prediction = "epsilon"
+    sched = path / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        prediction = json.loads(sched.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
+    return family, prediction, unet, vae, text_encoder
+
+
+def load_tokenizer(family: str) -> Any:
+    from transformers import CLIPTokenizer
+
+    # SD2's OpenCLIP pads with "!" (token 0) where SD1's CLIP pads with the end token.
+    extra = {"pad_token": "!"} if family == "sd2" else {}
+    # from_pretrained on the shipped folder works with both transformers 4 (slow/fast) and 5.
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77, local_files_only=True, **extra)
+
+
+def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
+    """SHA-256 of a model file (folders: of their UNet weights), memoised by size and mtime."""
+    target = path
+    if path.is_dir():
+        candidates = sorted((path / "unet").glob("*.safetensors")) or sorted((path / "unet").glob("*.bin"))
+        if not candidates:
+            return hashlib.sha256(str(path.resolve()).encode()).hexdigest()
+        target = candidates[0]
+    stat = target.stat()
+    memo_key = f"{target.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo_file = cache_dir / "model_hashes.json" if cache_dir else None
+    memo: dict[str, str] = {}
+    if memo_file and memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            memo = {}
+    if memo_key in memo:
+        return memo[memo_key]
+    with target.open("rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    if memo_file:
+        memo[memo_key] = digest
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo, indent=1), encoding="utf-8")
+        os.replace(tmp, memo_file)
+    return digest
+
+
+def load_base_model(pretrained: str, *, prediction_type: str = "auto", cache_dir: Path | None = None) -> BaseModel:
+    """Load tokenizer, text encoder, UNet, VAE and the training noise scheduler, on the CPU in fp32."""
+    from diffusers import DDPMScheduler
+
+    force_offline()
+    path = Path(pretrained).expanduser()
+    if not path.exists():
+        raise ConfigError("pretrained_model", f"{path} does not exist. Supported: {SUPPORTED}.")
+    if path.is_dir():
+        family, detected, unet, vae, text_encoder = _load_diffusers_folder(path)
+    else:
+        family, detected, unet, vae, text_encoder = _load_single_file(path)
+    prediction = detected if prediction_type == "auto" else prediction_type
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG, prediction_type=prediction)
+    logger.info("loaded %s (%s, %s)", path.name, family, prediction)
+    return BaseModel(
+        family=family,
+        prediction_type=prediction,
+        tokenizer=load_tokenizer(family),
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        noise_scheduler=scheduler,
+        name=path.name,
+        sha256=file_sha256(path, cache_dir),
+    )

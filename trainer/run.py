@@ -1,0 +1,467 @@
+"""One DreamBooth-LoRA training run: set-up, caches and the optimisation loop.
+
+Reading order: ``train()`` at the bottom is the whole story; ``TrainingRun`` holds the pieces.
+Everything random is derived from ``config.seed`` and the micro-batch index (never from a global
+generator), which is what makes a resumed run bit-for-bit the run that was interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__, checkpoint, data, lora, sampling
+from .config import ConfigError, TrainConfig
+from .models import BaseModel, load_base_model
+from .protocol import Commands, EventWriter
+from .runtime import Runtime, free_accelerator_memory, resolve_runtime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    status: str  # "done" or "stopped"
+    step: int
+    lora_path: Path
+
+
+@dataclass
+class LatentCache:
+    """VAE posterior (mean, std) per image, optionally also of the mirrored image."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    flipped_mean: torch.Tensor | None = None
+    flipped_std: torch.Tensor | None = None
+
+
+class TrainingRun:
+    def __init__(self, config: TrainConfig, events: EventWriter, commands: Commands) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.events = events
+        self.commands = commands
+        self.runtime: Runtime = resolve_runtime(config.device, config.mixed_precision, config.attention)
+        if self.runtime.device.type == "cuda" and self.runtime.device.index is not None:
+            torch.cuda.set_device(self.runtime.device)
+        self.accelerator = Accelerator(mixed_precision=self.runtime.mixed_precision,
+                                       cpu=self.runtime.device.type == "cpu")
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.output_dir = Path(config.output_dir)
+        self.step = 0
+
+    # --- set-up ------------------------------------------------------------------------------
+    def load_data(self) -> None:
+        cfg = self.config
+        self.events.status("reading instance images")
+        self.instance_records = data.scan_image_folder(Path(cfg.instance_data_dir), role="instance")
+        self.instance_prepared = data.prepare_images(self.instance_records, cfg.resolution, crop="center",
+                                                     background=cfg.background, seed=cfg.seed)
+        for item in self.instance_prepared:
+            for warning in item.warnings:
+                self.events.status(warning, level="warning")
+        self.epoch_list = data.expand_repeats(self.instance_records)
+        self.fingerprint = data.dataset_fingerprint(self.instance_records)
+        self.captions = [r.caption if (cfg.use_captions and r.caption) else cfg.instance_prompt
+                         for r in self.instance_records]
+        self.events.status(f"{len(self.instance_records)} instance images, {len(self.epoch_list)} per epoch")
+        if cfg.crop == "random":
+            self.instance_originals = [data.load_image(r.path, background=cfg.background)
+                                       for r in self.instance_records]
+
+    def load_model(self) -> None:
+        self.events.status(f"loading {Path(self.config.pretrained_model).name}")
+        self.base: BaseModel = load_base_model(self.config.pretrained_model,
+                                               prediction_type=self.config.prediction_type,
+                                               cache_dir=Path(self.config.cache_dir))
+        self.vae_scaling = float(self.base.vae.config.scaling_factor)
+        self.base.vae.to(self.device)
+        self.base.unet.to(self.device, dtype=self.runtime.weight_dtype)
+        self.base.text_encoder.to(self.device, dtype=self.runtime.weight_dtype)
+        if self.runtime.use_xformers:
+            self.base.unet.enable_xformers_memory_efficient_attention()
+
+    def prepare_class_images(self) -> None:
+        cfg = self.config
+        self.class_records: list[data.ImageRecord] = []
+        if not cfg.with_prior_preservation:
+            return
+        if cfg.class_data_dir:
+            self.class_records = data.scan_image_folder(Path(cfg.class_data_dir), role="class")[: cfg.num_class_images]
+        missing = cfg.num_class_images - len(self.class_records)
+        if missing > 0:
+            folder = sampling.class_cache_folder(
+                Path(cfg.cache_dir), model_sha256=self.base.sha256, prompt=cfg.class_prompt,
+                negative_prompt=cfg.class_negative_prompt, resolution=cfg.resolution,
+                steps=cfg.class_generation_steps, guidance=cfg.class_generation_guidance, seed=cfg.seed)
+            self.events.status(f"preparing {missing} class images with the base model in {folder}")
+
+            def progress(done: int, total: int) -> None:
+                self.events.emit("progress", phase="class_images", step=done, total=total)
+
+            paths = self._main_process_first(lambda: sampling.ensure_class_images(
+                folder, missing, self._pipeline, prompt=cfg.class_prompt,
+                negative_prompt=cfg.class_negative_prompt, seed=cfg.seed, steps=cfg.class_generation_steps,
+                guidance=cfg.class_generation_guidance, size=cfg.resolution,
+                autocast_dtype=self._autocast_dtype(), on_progress=progress))
+            self.class_records += [data.ImageRecord(p, None, 1) for p in paths]
+        self.class_prepared = data.prepare_images(self.class_records, cfg.resolution, crop="center",
+                                                  background=cfg.background, seed=cfg.seed)
+
+    @torch.no_grad()
+    def _encode_images(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        for chunk in torch.stack(pixels).split(4):
+            dist = self.base.vae.encode(chunk.to(self.device, torch.float32)).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        return torch.cat(means), torch.cat(stds)
+
+    def _latent_cache(self, prepared: list[data.PreparedImage]) -> LatentCache:
+        pixels = [p.pixels for p in prepared]
+        mean, std = self._encode_images(pixels)
+        cache = LatentCache(mean, std)
+        if self.config.random_flip:
+            cache.flipped_mean, cache.flipped_std = self._encode_images([p.flip(-1) for p in pixels])
+        return cache
+
+    def build_caches(self) -> None:
+        cfg = self.config
+        self.instance_latents = self._latent_cache(self.instance_prepared) if cfg.crop == "center" else None
+        self.class_latents = self._latent_cache(self.class_prepared) if cfg.with_prior_preservation else None
+        needs_vae = cfg.crop == "random" or bool(cfg.validation_prompts) or not cfg.cache_latents
+        if not needs_vae:
+            self.base.vae.to("cpu")
+            del self.base.vae
+            self.base.vae = None  # type: ignore[assignment]
+            free_accelerator_memory()
+        prompts = sorted(set(self.captions) | ({cfg.class_prompt} if cfg.with_prior_preservation else set()))
+        self.token_ids = {p: self._tokenize([p])[0] for p in prompts}
+        self.embedding_cache: dict[str, torch.Tensor] | None = None
+        if not cfg.train_text_encoder:
+            with torch.no_grad():
+                self.embedding_cache = {p: self.base.text_encoder(ids[None].to(self.device))[0][0]
+                                        for p, ids in self.token_ids.items()}
+            if not cfg.validation_prompts:
+                self.base.text_encoder.to("cpu")  # only the cached embeddings are needed from here on
+                free_accelerator_memory()
+
+    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.base.tokenizer(prompts, padding="max_length", max_length=self.base.tokenizer.model_max_length,
+                                   truncation=True, return_tensors="pt").input_ids
+
+    def setup_lora(self) -> None:
+        cfg = self.config
+        lora.add_lora(self.base.unet, rank=cfg.rank, alpha=cfg.alpha, targets=lora.UNET_TARGETS[cfg.unet_target],
+                      dropout=cfg.lora_dropout)
+        groups = [{"params": self._lora_params(self.base.unet), "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            assert cfg.text_encoder_rank is not None and cfg.text_encoder_alpha is not None
+            lora.add_lora(self.base.text_encoder, rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
+                          targets=lora.TEXT_ENCODER_TARGETS[cfg.text_encoder_target], dropout=cfg.lora_dropout)
+            groups.append({"params": self._lora_params(self.base.text_encoder), "lr": cfg.text_encoder_lr})
+        if cfg.gradient_checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                self.base.text_encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = self._make_optimizer(groups)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=cfg.lr_warmup_steps,
+                                          num_training_steps=cfg.max_train_steps)
+        models = [self.base.unet] + ([self.base.text_encoder] if cfg.train_text_encoder else [])
+        prepared = self.accelerator.prepare(*models, self.optimizer)
+        self.unet, *rest = prepared
+        self.text_encoder = rest[0] if cfg.train_text_encoder else self.base.text_encoder
+        self.optimizer = rest[-1]
+        self.trainable_models = models
+
+    def _lora_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()  # LoRA weights train in fp32 even when the base is half precision
+        return params
+
+    def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        cfg = self.config
+        kwargs = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon,
+                  "weight_decay": cfg.weight_decay}
+        if cfg.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                raise ConfigError("optimizer", "'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from exc
+            if self.device.type != "cuda":
+                raise ConfigError("optimizer", "'adamw8bit' needs a CUDA GPU; use 'adamw' on the CPU")
+            return bnb.optim.AdamW8bit(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def signature(self) -> str:
+        return checkpoint.signature_hash(self.config.training_signature(), self.fingerprint)
+
+    def resume_if_possible(self) -> None:
+        try:
+            found = checkpoint.find_resume_checkpoint(self.output_dir, self.config.resume, self.signature())
+        except ValueError as exc:
+            raise ConfigError("resume", str(exc)) from exc
+        if found is None:
+            return
+        step, trainable, extra = checkpoint.load_checkpoint(found.path)
+        for prefix, model in self._named_models():
+            lora.load_trainable_state(model, {k[len(prefix):]: v for k, v in trainable.items() if k.startswith(prefix)})
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.lr_scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["torch_rng"])
+        self.step = step
+        self.events.status(f"resumed from {found.path.name} (step {step})")
+
+    def _named_models(self) -> list[tuple[str, torch.nn.Module]]:
+        named = [("unet.", self.accelerator.unwrap_model(self.unet))]
+        if self.config.train_text_encoder:
+            named.append(("text_encoder.", self.accelerator.unwrap_model(self.text_encoder)))
+        return named
+
+    def _kohya(self) -> dict[str, torch.Tensor]:
+        te = self.accelerator.unwrap_model(self.text_encoder) if self.config.train_text_encoder else None
+        return lora.kohya_state_dict(self.accelerator.unwrap_model(self.unet), te,
+                                     lora.SAVE_DTYPES[self.config.save_precision])
+
+    def save_checkpoint(self) -> Path | None:
+        path = None
+        if self.accelerator.is_main_process:
+            trainable = {prefix + k: v for prefix, m in self._named_models()
+                         for k, v in lora.trainable_state(m).items()}
+            path = checkpoint.save_checkpoint(
+                self.output_dir, step=self.step, signature=self.signature(), trainable=trainable,
+                optimizer_state=self.optimizer.state_dict(), scheduler_state=self.lr_scheduler.state_dict(),
+                lora_tensors=self._kohya(), lora_metadata=self._metadata(),
+                keep=self.config.checkpoints_total_limit)
+            self.events.emit("checkpoint", step=self.step, path=str(path), lora_path=str(path / checkpoint.LORA_FILE))
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _metadata(self) -> dict[str, str]:
+        return lora.lora_metadata(self.config, self.base, step=self.step, version=__version__)
+
+    def save_final_lora(self) -> Path:
+        path = Path(self.config.output_path)
+        if self.accelerator.is_main_process:
+            lora.write_safetensors_atomic(self._kohya(), path, self._metadata(), overwrite=self.config.overwrite)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # --- validation ------------------------------------------------------------------------------
+    def _autocast_dtype(self) -> torch.dtype | None:
+        return None if self.runtime.mixed_precision == "no" else self.runtime.weight_dtype
+
+    def _pipeline(self) -> Any:
+        unet = self.accelerator.unwrap_model(getattr(self, "unet", self.base.unet))
+        te = self.accelerator.unwrap_model(getattr(self, "text_encoder", self.base.text_encoder))
+        return sampling.build_pipeline(self.base, unet, te, self.device)
+
+    def _main_process_first(self, fn: Any) -> Any:
+        with self.accelerator.main_process_first():
+            return fn()
+
+    def sample(self) -> None:
+        cfg = self.config
+        if not cfg.validation_prompts or not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return
+        try:
+            pipe = self._pipeline()
+            for i, prompt in enumerate(cfg.validation_prompts):
+                image = sampling.generate(pipe, prompt, negative_prompt=cfg.validation_negative_prompt,
+                                          seed=cfg.validation_seed + i, steps=cfg.validation_inference_steps,
+                                          guidance=cfg.validation_guidance, size=cfg.resolution,
+                                          autocast_dtype=self._autocast_dtype())
+                out = self.output_dir / "samples" / f"step_{self.step:06d}_{i}.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                image.save(out)
+                self.events.emit("sample", step=self.step, index=i, prompt=prompt, path=str(out))
+        except Exception as exc:  # noqa: BLE001 - a failed sample must never stop training
+            logger.exception("validation sampling failed")
+            self.events.status(f"validation sample failed at step {self.step}: {exc}", level="warning")
+        finally:
+            for model in self.trainable_models:
+                model.train()
+        self.accelerator.wait_for_everyone()
+
+    # --- one optimisation step -------------------------------------------------------------------
+    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str]]:
+        """Latents and prompts of global micro-batch ``micro`` for this process."""
+        cfg = self.config
+        bs = cfg.train_batch_size
+        start = (micro * self.world + self.rank) * bs
+        gen = torch.Generator(device="cpu").manual_seed(derived_seed(cfg.seed, micro, self.rank, "latents"))
+        picks = [self.epoch_list[i] for i in data.sample_stream(len(self.epoch_list), cfg.seed, start, bs)]
+        flips = [cfg.random_flip and random.Random(f"{cfg.seed}:{micro}:{self.rank}:{j}").random() < 0.5
+                 for j in range(bs)]
+        if self.instance_latents is not None:
+            latents = self._sample_latents(self.instance_latents, picks, flips, gen)
+        else:
+            pixels = []
+            for j, idx in enumerate(picks):
+                crop = data.resize_and_crop(self.instance_originals[idx], cfg.resolution, crop="random",
+                                            rng=random.Random(f"{cfg.seed}:{micro}:{self.rank}:{j}:crop"))
+                t = data.image_to_tensor(crop)
+                pixels.append(t.flip(-1) if flips[j] else t)
+            mean, std = self._encode_images(pixels)
+            latents = mean + std * torch.randn(mean.shape, generator=gen).to(self.device, mean.dtype)
+        prompts = [self.captions[i] for i in picks]
+        if self.class_latents is not None:
+            class_picks = data.sample_stream(len(self.class_records), cfg.seed + 1, start, bs)
+            latents = torch.cat([latents, self._sample_latents(self.class_latents, class_picks, flips, gen)])
+            prompts += [cfg.class_prompt] * bs
+        return latents * self.vae_scaling, prompts
+
+    def _sample_latents(self, cache: LatentCache, picks: list[int], flips: list[bool],
+                        gen: torch.Generator) -> torch.Tensor:
+        rows = []
+        for idx, flip in zip(picks, flips, strict=True):
+            if flip and cache.flipped_mean is not None and cache.flipped_std is not None:
+                rows.append((cache.flipped_mean[idx], cache.flipped_std[idx]))
+            else:
+                rows.append((cache.mean[idx], cache.std[idx]))
+        mean = torch.stack([r[0] for r in rows])
+        std = torch.stack([r[1] for r in rows])
+        return mean + std * torch.randn(mean.shape, generator=gen).to(self.device, mean.dtype)
+
+    def _embeddings(self, prompts: list[str]) -> torch.Tensor:
+        if self.embedding_cache is not None:
+            return torch.stack([self.embedding_cache[p] for p in prompts])
+        ids = torch.stack([self.token_ids[p] for p in prompts]).to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def _loss(self, micro: int) -> tuple[torch.Tensor, float, float]:
+        cfg = self.config
+        latents, prompts = self._batch(micro)
+        gen = torch.Generator(device="cpu").manual_seed(derived_seed(cfg.seed, micro, self.rank, "noise"))
+        noise = torch.randn(latents.shape, generator=gen)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+        sched = self.base.noise_scheduler
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        noise, timesteps = noise.to(self.device, latents.dtype), timesteps.to(self.device)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        with self.accelerator.autocast():
+            pred = self.unet(noisy.to(self.runtime.weight_dtype), timesteps, self._embeddings(prompts)).sample
+        target = noise if self.base.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            per_sample = per_sample * self._snr_weights(timesteps)
+        bs = cfg.train_batch_size
+        instance = per_sample[:bs].mean()
+        prior = per_sample[bs:].mean() if cfg.with_prior_preservation else torch.zeros((), device=self.device)
+        loss = instance + cfg.prior_loss_weight * prior
+        return loss, instance.item(), prior.item()
+
+    def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.base.noise_scheduler, timesteps)
+        clipped = torch.clamp(snr, max=self.config.min_snr_gamma)
+        return clipped / (snr + 1 if self.base.prediction_type == "v_prediction" else snr)
+
+    def optimisation_step(self) -> dict[str, float]:
+        cfg = self.config
+        accum = cfg.gradient_accumulation_steps
+        totals = [0.0, 0.0, 0.0]
+        for k in range(accum):
+            micro = self.step * accum + k
+            with contextlib.ExitStack() as stack:
+                if k < accum - 1 and self.world > 1:
+                    for model in (self.unet, self.text_encoder) if cfg.train_text_encoder else (self.unet,):
+                        stack.enter_context(self.accelerator.no_sync(model))
+                loss, inst, prior = self._loss(micro)
+                self.accelerator.backward(loss / accum)
+            for i, v in enumerate((loss.item(), inst, prior)):
+                totals[i] += v / accum
+        if cfg.max_grad_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if not math.isfinite(totals[0]):
+            raise FloatingPointError(f"loss became {totals[0]} at step {self.step}; lower the learning rate "
+                                     "or use bf16/fp32 instead of fp16")
+        return {"loss": totals[0], "instance_loss": totals[1], "prior_loss": totals[2]}
+
+    def take_commands(self) -> tuple[bool, bool, bool]:
+        """(stop, sample, save) agreed by every process: rank 0's stdin decides."""
+        flags = torch.tensor([self.commands.take(n) for n in ("stop", "sample", "save")], dtype=torch.int32)
+        if self.world > 1:
+            from accelerate.utils import broadcast
+
+            flags = broadcast(flags.to(self.device), from_process=0).cpu()
+        stop, sample_now, save_now = (bool(x) for x in flags.tolist())
+        return stop, sample_now, save_now
+
+
+def derived_seed(*parts: object) -> int:
+    """A seed from the run seed and a position; unlike hash(), stable across processes."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def train(config: TrainConfig, events: EventWriter, commands: Commands) -> RunResult:
+    """Run training to ``max_train_steps`` or until a stop command; return where the LoRA is."""
+    out = Path(config.output_path)
+    if out.exists() and not config.overwrite:
+        raise ConfigError("output_path", f"{out} already exists; choose another name or set overwrite")
+    run = TrainingRun(config, events, commands)
+    run.load_data()
+    run.load_model()
+    run.prepare_class_images()
+    events.status("caching latents and prompts")
+    run.build_caches()
+    run.setup_lora()
+    run.resume_if_possible()
+    for model in run.trainable_models:
+        model.train()
+    total = config.max_train_steps
+    events.emit("progress", phase="train", step=run.step, total=total)
+    started, last = time.perf_counter(), run.step
+    while run.step < total:
+        stop, sample_now, save_now = run.take_commands()
+        if stop:
+            path = run.save_checkpoint()
+            events.status(f"stopped at step {run.step}; checkpoint saved")
+            return RunResult("stopped", run.step, (path or Path()) / checkpoint.LORA_FILE)
+        metrics = run.optimisation_step()
+        elapsed = time.perf_counter() - started
+        ms_per_step = 1000 * elapsed / max(1, run.step - last)
+        lrs = [g["lr"] for g in run.optimizer.param_groups]
+        events.emit("progress", phase="train", step=run.step, total=total)
+        events.emit("metrics", step=run.step, **metrics, lr_unet=lrs[0],
+                    lr_text_encoder=lrs[1] if len(lrs) > 1 else 0.0, ms_per_step=round(ms_per_step, 2),
+                    eta_s=round(ms_per_step * (total - run.step) / 1000, 1))
+        periodic_ckpt = config.checkpointing_steps and run.step % config.checkpointing_steps == 0
+        if (periodic_ckpt or save_now) and run.step < total:
+            run.save_checkpoint()
+        periodic_sample = config.validation_steps and run.step % config.validation_steps == 0
+        if (periodic_sample or sample_now) and run.step < total:
+            run.sample()
+    run.save_checkpoint()  # lets a later run with more steps continue from here
+    run.sample()
+    path = run.save_final_lora()
+    return RunResult("done", run.step, path)
