@@ -6,9 +6,8 @@ from __future__ import annotations
 import importlib
 import logging
 
-from typing_extensions import override
-
 from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
 
 logger = logging.getLogger(__name__)
 
