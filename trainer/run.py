@@ -347,10 +347,13 @@ class TrainingRun:
     def _embeddings(self, prompts: list[str]) -> torch.Tensor:
         if self.embedding_cache is not None:
             return torch.stack([self.embedding_cache[p] for p in prompts])
+        for p in prompts:
+            if p not in self.token_ids:
+                self.token_ids[p] = self._tokenize([p])[0]
         ids = torch.stack([self.token_ids[p] for p in prompts]).to(self.device)
         return self.text_encoder(ids)[0]
 
-    def _loss(self, micro: int) -> tuple[torch.Tensor, float, float]:
+    def loss_for_micro_batch(self, micro: int) -> tuple[torch.Tensor, float, float]:
         cfg = self.config
         latents, prompts = self._batch(micro)
         gen = torch.Generator(device="cpu").manual_seed(derived_seed(cfg.seed, micro, self.rank, "noise"))
@@ -390,7 +393,7 @@ class TrainingRun:
                 if k < accum - 1 and self.world > 1:
                     for model in (self.unet, self.text_encoder) if cfg.train_text_encoder else (self.unet,):
                         stack.enter_context(self.accelerator.no_sync(model))
-                loss, inst, prior = self._loss(micro)
+                loss, inst, prior = self.loss_for_micro_batch(micro)
                 self.accelerator.backward(loss / accum)
             for i, v in enumerate((loss.item(), inst, prior)):
                 totals[i] += v / accum
@@ -416,6 +419,46 @@ class TrainingRun:
         stop, sample_now, save_now = (bool(x) for x in flags.tolist())
         return stop, sample_now, save_now
 
+    # --- the run -----------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Everything before the first step: data, model, class images, caches, LoRA, resume."""
+        self.load_data()
+        self.load_model()
+        self.prepare_class_images()
+        self.events.status("caching latents and prompts")
+        self.build_caches()
+        self.setup_lora()
+        self.resume_if_possible()
+        for model in self.trainable_models:
+            model.train()
+
+    def loop(self) -> RunResult:
+        cfg, events = self.config, self.events
+        total = cfg.max_train_steps
+        events.emit("progress", phase="train", step=self.step, total=total)
+        started, first = time.perf_counter(), self.step
+        while self.step < total:
+            stop, sample_now, save_now = self.take_commands()
+            if stop:
+                path = self.save_checkpoint()
+                events.status(f"stopped at step {self.step}; checkpoint saved")
+                return RunResult("stopped", self.step, (path or Path()) / checkpoint.LORA_FILE)
+            metrics = self.optimisation_step()
+            ms_per_step = 1000 * (time.perf_counter() - started) / max(1, self.step - first)
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            events.emit("progress", phase="train", step=self.step, total=total)
+            events.emit("metrics", step=self.step, **metrics, lr_unet=lrs[0],
+                        lr_text_encoder=lrs[1] if len(lrs) > 1 else 0.0, ms_per_step=round(ms_per_step, 2),
+                        eta_s=round(ms_per_step * (total - self.step) / 1000, 1))
+            if self.step < total:
+                if save_now or (cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0):
+                    self.save_checkpoint()
+                if sample_now or (cfg.validation_steps and self.step % cfg.validation_steps == 0):
+                    self.sample()
+        self.save_checkpoint()  # lets a later run with more steps continue from here
+        self.sample()
+        return RunResult("done", self.step, self.save_final_lora())
+
 
 def derived_seed(*parts: object) -> int:
     """A seed from the run seed and a position; unlike hash(), stable across processes."""
@@ -429,39 +472,5 @@ def train(config: TrainConfig, events: EventWriter, commands: Commands) -> RunRe
     if out.exists() and not config.overwrite:
         raise ConfigError("output_path", f"{out} already exists; choose another name or set overwrite")
     run = TrainingRun(config, events, commands)
-    run.load_data()
-    run.load_model()
-    run.prepare_class_images()
-    events.status("caching latents and prompts")
-    run.build_caches()
-    run.setup_lora()
-    run.resume_if_possible()
-    for model in run.trainable_models:
-        model.train()
-    total = config.max_train_steps
-    events.emit("progress", phase="train", step=run.step, total=total)
-    started, last = time.perf_counter(), run.step
-    while run.step < total:
-        stop, sample_now, save_now = run.take_commands()
-        if stop:
-            path = run.save_checkpoint()
-            events.status(f"stopped at step {run.step}; checkpoint saved")
-            return RunResult("stopped", run.step, (path or Path()) / checkpoint.LORA_FILE)
-        metrics = run.optimisation_step()
-        elapsed = time.perf_counter() - started
-        ms_per_step = 1000 * elapsed / max(1, run.step - last)
-        lrs = [g["lr"] for g in run.optimizer.param_groups]
-        events.emit("progress", phase="train", step=run.step, total=total)
-        events.emit("metrics", step=run.step, **metrics, lr_unet=lrs[0],
-                    lr_text_encoder=lrs[1] if len(lrs) > 1 else 0.0, ms_per_step=round(ms_per_step, 2),
-                    eta_s=round(ms_per_step * (total - run.step) / 1000, 1))
-        periodic_ckpt = config.checkpointing_steps and run.step % config.checkpointing_steps == 0
-        if (periodic_ckpt or save_now) and run.step < total:
-            run.save_checkpoint()
-        periodic_sample = config.validation_steps and run.step % config.validation_steps == 0
-        if (periodic_sample or sample_now) and run.step < total:
-            run.sample()
-    run.save_checkpoint()  # lets a later run with more steps continue from here
-    run.sample()
-    path = run.save_final_lora()
-    return RunResult("done", run.step, path)
+    run.prepare()
+    return run.loop()
