@@ -112,7 +112,7 @@ class Commands:
             command = message["command"] if isinstance(message, dict) else message
         except (json.JSONDecodeError, KeyError):
             command = line  # a bare word on a terminal is friendlier than a JSON error
-        if command not in COMMANDS:
+        if not isinstance(command, str) or command not in COMMANDS:
             logger.warning("ignoring unknown command %r (known: %s)", command, ", ".join(sorted(COMMANDS)))
             return
         getattr(self, command).set()

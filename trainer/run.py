@@ -166,6 +166,8 @@ class TrainingRun:
 
     def setup_lora(self) -> None:
         cfg = self.config
+        # peft draws the LoRA down-weights from the global generator (and dropout uses it later).
+        torch.manual_seed(derived_seed(cfg.seed, "lora-init"))
         lora.add_lora(self.base.unet, rank=cfg.rank, alpha=cfg.alpha, targets=lora.UNET_TARGETS[cfg.unet_target],
                       dropout=cfg.lora_dropout)
         groups = [{"params": self._lora_params(self.base.unet), "lr": cfg.learning_rate}]
