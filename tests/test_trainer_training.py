@@ -101,7 +101,7 @@ def test_prior_preservation_keeps_class_predictions_closer_to_frozen_model(
         run.prepare()
         if prior:
             assert run.class_latents is not None and len(run.class_records) == 3
-            class_latents = run.class_latents.mean * run.vae_scaling
+            class_latents = torch.stack([run.class_latents.get(i, False)[0] for i in range(3)]) * run.vae_scaling
         assert class_latents is not None
 
         frozen = class_prediction(run, class_latents)  # LoRA up-weights start at zero: this is the base model

@@ -112,6 +112,18 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metad
         tmp.unlink(missing_ok=True)
 
 
+def metadata_signature(config: Any) -> dict[str, Any]:
+    """The training signature as ``dreambooth.config`` stores it: user paths cut to their basenames.
+
+    A launcher compares a file's header with this to tell whether the LoRA is what a config would train.
+    """
+    training = config.training_signature()
+    for key in ("pretrained_model", "instance_data_dir", "class_data_dir"):
+        if training.get(key):
+            training[key] = Path(training[key]).name
+    return json.loads(json.dumps(training))
+
+
 def lora_metadata(config: Any, base: Any, *, step: int, version: str) -> dict[str, str]:
     """Header metadata in the keys LoRA tools already read (kohya ``ss_*``, SAI ``modelspec.*``).
 
@@ -156,10 +168,6 @@ def lora_metadata(config: Any, base: Any, *, step: int, version: str) -> dict[st
         "dreambooth.unet_target": config.unet_target,
         "dreambooth.text_encoder_target": config.text_encoder_target if config.train_text_encoder else "",
     }
-    training = config.training_signature()
-    for key in ("pretrained_model", "instance_data_dir", "class_data_dir"):
-        if training.get(key):
-            training[key] = Path(training[key]).name
-    meta["dreambooth.config"] = json.dumps(training, sort_keys=True)
+    meta["dreambooth.config"] = json.dumps(metadata_signature(config), sort_keys=True)
     meta.update({f"user.{k}": v for k, v in config.metadata.items()})
     return meta

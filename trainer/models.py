@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,16 +58,73 @@ class BaseModel:
     vae: torch.nn.Module
     noise_scheduler: Any
     name: str
-    sha256: str
+    sha256_future: Future[str]
+
+    @property
+    def sha256(self) -> str:
+        return self.sha256_future.result()
 
 
 # --- reading checkpoints ---------------------------------------------------------------------------
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class LazySafetensors(Mapping[str, torch.Tensor]):
+    """A .safetensors file as a read-only mapping that reads each tensor when it is asked for.
+
+    Tensors are read with plain file reads into fresh buffers rather than through a memory map:
+    converting component by component then keeps peak memory near the size of the fp32 models,
+    not the half-precision file (mapped and touched) *plus* the fp32 models.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import struct
+
+        self._path = path
+        with path.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len > 100_000_000:
+                raise ConfigError("pretrained_model", f"{path} is not a valid .safetensors file")
+            header = json.loads(fh.read(header_len))
+        header.pop("__metadata__", None)
+        self._base = 8 + header_len
+        self._entries: dict[str, dict[str, Any]] = header
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ConfigError("pretrained_model", f"{self._path.name}: unsupported tensor type {entry['dtype']} ({key})")
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with self._path.open("rb") as fh:
+            fh.seek(self._base + begin)
+            fh.readinto(buffer)
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v["shape"]) for k, v in self._entries.items()}
+
+
+def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return LazySafetensors(path)
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -188,7 +246,7 @@ def _text_encoder_from_ldm(sd: Mapping[str, torch.Tensor], family: str) -> torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if family == "sd1":
-        converted = sfu.convert_ldm_clip_checkpoint(dict(sd))
+        converted = sfu.convert_ldm_clip_checkpoint(sd)
         hidden = converted["text_model.embeddings.token_embedding.weight"].shape[1]
         n_layers = _count(list(converted), r"text_model\.encoder\.layers\.(\d+)\.")
         config = CLIPTextConfig(
@@ -217,18 +275,22 @@ def _text_encoder_from_ldm(sd: Mapping[str, torch.Tensor], family: str) -> torch
         )
         with torch.device("meta"):
             probe = CLIPTextModel(config)
-        converted = sfu.convert_open_clip_checkpoint(probe, dict(sd))
+        converted = sfu.convert_open_clip_checkpoint(probe, sd)
     with torch.device("meta"):
         model = CLIPTextModel(config)
     _load_into(model, converted, what="text encoder")
     return model
 
 
-def _load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:
-    """Load converted weights, matching transformers 4.x ('text_model.' level) and 5.x (none)."""
+def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
+    """Load converted weights, matching transformers 4.x ('text_model.' level) and 5.x (none).
+
+    ``state`` is emptied as it is read, so each half-precision tensor is freed once cast.
+    """
     expected = module.state_dict()
     fixed: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
+    while state:
+        key, value = state.popitem()
         if key not in expected and key.startswith("text_model.") and key[len("text_model."):] in expected:
             key = key[len("text_model."):]
         if key in expected:
@@ -254,7 +316,8 @@ def _load_single_file(path: Path) -> tuple[str, str, torch.nn.Module, torch.nn.M
     from diffusers.loaders import single_file_utils as sfu
 
     sd = read_state_dict(path)
-    family = detect_family({k: tuple(v.shape) for k, v in sd.items()})
+    shapes = sd.shapes() if isinstance(sd, LazySafetensors) else {k: tuple(v.shape) for k, v in sd.items()}
+    family = detect_family(shapes)
     prediction = detect_prediction_type(sd, family)
     unet_cfg = unet_config_from_ldm(sd, family)
     with torch.device("meta"):
@@ -335,6 +398,11 @@ def load_base_model(pretrained: str, *, prediction_type: str = "auto", cache_dir
     path = Path(pretrained).expanduser()
     if not path.exists():
         raise ConfigError("pretrained_model", f"{path} does not exist. Supported: {SUPPORTED}.")
+    # Hashing a 2 GB checkpoint takes a second or two; hashlib releases the GIL, so it overlaps
+    # with loading instead of delaying the first step.
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
+    sha256 = hasher.submit(file_sha256, path, cache_dir)
+    hasher.shutdown(wait=False)
     if path.is_dir():
         family, detected, unet, vae, text_encoder = _load_diffusers_folder(path)
     else:
@@ -354,5 +422,5 @@ def load_base_model(pretrained: str, *, prediction_type: str = "auto", cache_dir
         vae=vae,
         noise_scheduler=scheduler,
         name=path.name,
-        sha256=file_sha256(path, cache_dir),
+        sha256_future=sha256,
     )

@@ -36,14 +36,33 @@ class RunResult:
     lora_path: Path
 
 
-@dataclass
 class LatentCache:
-    """VAE posterior (mean, std) per image, optionally also of the mirrored image."""
+    """VAE posteriors (mean, std) of images, each encoded the first time a batch needs it.
 
-    mean: torch.Tensor
-    std: torch.Tensor
-    flipped_mean: torch.Tensor | None = None
-    flipped_std: torch.Tensor | None = None
+    Encoding lazily rather than all up front lets the first step start after one VAE pass; each
+    image (and its mirror, with random_flip) is still encoded only once when ``keep`` is set.
+    """
+
+    def __init__(self, pixels: list[torch.Tensor], encode: Any, *, keep: bool, flips: bool) -> None:
+        self.pixels = pixels
+        self._encode = encode
+        self.keep = keep
+        self.expected = len(pixels) * (2 if flips else 1)
+        self.entries: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if (index, flip) in self.entries:
+            return self.entries[(index, flip)]
+        pixels = self.pixels[index].flip(-1) if flip else self.pixels[index]
+        mean, std = self._encode([pixels])
+        entry = (mean[0], std[0])
+        if self.keep:
+            self.entries[(index, flip)] = entry
+        return entry
+
+    @property
+    def complete(self) -> bool:
+        return self.keep and len(self.entries) == self.expected
 
 
 class TrainingRun:
@@ -131,24 +150,16 @@ class TrainingRun:
             stds.append(dist.std)
         return torch.cat(means), torch.cat(stds)
 
-    def _latent_cache(self, prepared: list[data.PreparedImage]) -> LatentCache:
-        pixels = [p.pixels for p in prepared]
-        mean, std = self._encode_images(pixels)
-        cache = LatentCache(mean, std)
-        if self.config.random_flip:
-            cache.flipped_mean, cache.flipped_std = self._encode_images([p.flip(-1) for p in pixels])
-        return cache
-
     def build_caches(self) -> None:
         cfg = self.config
-        self.instance_latents = self._latent_cache(self.instance_prepared) if cfg.crop == "center" else None
-        self.class_latents = self._latent_cache(self.class_prepared) if cfg.with_prior_preservation else None
-        needs_vae = cfg.crop == "random" or bool(cfg.validation_prompts) or not cfg.cache_latents
-        if not needs_vae:
-            self.base.vae.to("cpu")
-            del self.base.vae
-            self.base.vae = None  # type: ignore[assignment]
-            free_accelerator_memory()
+
+        def cache(prepared: list[data.PreparedImage]) -> LatentCache:
+            return LatentCache([p.pixels for p in prepared], self._encode_images, keep=cfg.cache_latents,
+                               flips=cfg.random_flip)
+
+        self.instance_latents = cache(self.instance_prepared) if cfg.crop == "center" else None
+        self.class_latents = cache(self.class_prepared) if cfg.with_prior_preservation else None
+        self.vae_needed_throughout = cfg.crop == "random" or bool(cfg.validation_prompts) or not cfg.cache_latents
         prompts = sorted(set(self.captions) | ({cfg.class_prompt} if cfg.with_prior_preservation else set()))
         self.token_ids = {p: self._tokenize([p])[0] for p in prompts}
         self.embedding_cache: dict[str, torch.Tensor] | None = None
@@ -157,8 +168,16 @@ class TrainingRun:
                 self.embedding_cache = {p: self.base.text_encoder(ids[None].to(self.device))[0][0]
                                         for p, ids in self.token_ids.items()}
             if not cfg.validation_prompts:
-                self.base.text_encoder.to("cpu")  # only the cached embeddings are needed from here on
+                # Only the cached embeddings are needed from here on: 123M parameters freed.
+                self.base.text_encoder = None  # type: ignore[assignment]
                 free_accelerator_memory()
+
+    def _free_vae_when_cached(self) -> None:
+        if self.vae_needed_throughout or self.base.vae is None:
+            return
+        if all(c is None or c.complete for c in (self.instance_latents, self.class_latents)):
+            self.base.vae = None  # every latent is cached: give its memory back
+            free_accelerator_memory()
 
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.base.tokenizer(prompts, padding="max_length", max_length=self.base.tokenizer.model_max_length,
@@ -332,16 +351,12 @@ class TrainingRun:
             class_picks = data.sample_stream(len(self.class_records), cfg.seed + 1, start, bs)
             latents = torch.cat([latents, self._sample_latents(self.class_latents, class_picks, flips, gen)])
             prompts += [cfg.class_prompt] * bs
+        self._free_vae_when_cached()
         return latents * self.vae_scaling, prompts
 
     def _sample_latents(self, cache: LatentCache, picks: list[int], flips: list[bool],
                         gen: torch.Generator) -> torch.Tensor:
-        rows = []
-        for idx, flip in zip(picks, flips, strict=True):
-            if flip and cache.flipped_mean is not None and cache.flipped_std is not None:
-                rows.append((cache.flipped_mean[idx], cache.flipped_std[idx]))
-            else:
-                rows.append((cache.mean[idx], cache.std[idx]))
+        rows = [cache.get(idx, flip) for idx, flip in zip(picks, flips, strict=True)]
         mean = torch.stack([r[0] for r in rows])
         std = torch.stack([r[1] for r in rows])
         return mean + std * torch.randn(mean.shape, generator=gen).to(self.device, mean.dtype)
