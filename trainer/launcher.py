@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -122,6 +123,8 @@ class TrainerProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # closed in close(), after the reader threads end
+        # One log per run folder, appended: a resumed run's log keeps the story of the runs before it.
+        self._write_log(f"\n===== trainer started {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
         cmd = [self.python, "-m", "trainer", "--config", str(self.config_path)]
         logger.info("starting trainer: %s (cwd %s)", cmd, self.pack_root)
         self.proc = subprocess.Popen(cmd, cwd=self.pack_root, env=self.env, stdin=subprocess.PIPE,

@@ -163,9 +163,14 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
 def detect_prediction_type(state_dict: Mapping[str, torch.Tensor], family: str) -> str:
     if family == "sd1":
         return "epsilon"
-    # The heuristic ComfyUI uses: SD2 768-v models have a much wider spread in this norm's bias.
+    # The heuristic ComfyUI uses: SD2 768-v models have a much wider spread in the first norm bias
+    # of the last output block's transformer. ComfyUI names output_blocks.11, which is the last
+    # block of every real SD2 UNet (4 levels x 3 blocks), so reading the last block present gives
+    # the same answer on real files and still works on shallower UNets (the tiny test model's).
     in_channels = state_dict[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1]
-    bias = state_dict.get(UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias")
+    output_block = re.compile(rf"{re.escape(UNET_PREFIX)}output_blocks\.(\d+)\.")
+    last = max((int(m.group(1)) for k in state_dict if (m := output_block.match(k))), default=11)
+    bias = state_dict.get(f"{UNET_PREFIX}output_blocks.{last}.1.transformer_blocks.0.norm1.bias")
     if in_channels == 4 and bias is not None and torch.std(bias.float(), unbiased=False) > 0.09:
         return "v_prediction"
     return "epsilon"

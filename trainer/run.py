@@ -198,8 +198,12 @@ class TrainingRun:
         if cfg.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
-                self.base.text_encoder.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
+                te = self.base.text_encoder
+                # transformers 5.x renamed it (the old name goes in 6.x); 4.x only has the old one.
+                if hasattr(te, "activation_checkpointing_enable"):
+                    te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = self._make_optimizer(groups)
         from diffusers.optimization import get_scheduler
 

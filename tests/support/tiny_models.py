@@ -1,4 +1,4 @@
-"""Tiny, random, deterministic SD1.5 models that a real ComfyUI accepts, built at test time.
+"""Tiny, random, deterministic SD1.5 / SD2.x-v models that a real ComfyUI accepts, built at test time.
 
 ComfyUI recognises SD1.5 from tensor shapes: model_channels 320 and context_dim 768 are what
 matter, depth is free. So the UNet here has one level (channel_mult [1]) with one res block and
@@ -10,8 +10,14 @@ left zero or uninitialised: a zero output conv would make every LoRA gradient ze
 converted to the original LDM key layout with ComfyUI's own converters. That conversion runs in
 a child process with the ComfyUI root on sys.path, so the pytest process never imports ComfyUI.
 
-Files are cached under CACHE_DIR/fixtures/, keyed by BUILDER_VERSION; bump it whenever the
-output of a builder changes. Run this file to build both: `python tests/support/tiny_models.py`.
+The SD2 checkpoint follows the same idea with SD2's shapes (context_dim 1024, linear proj_in,
+64-channel heads) and an OpenCLIP text encoder of full width but only a few resblocks: unlike the
+UNet, ComfyUI builds that encoder from a fixed 24-layer config, so it loads the tiny one with a
+"clip missing" warning for the layers the file lacks (nothing here runs those layers in ComfyUI).
+
+Files are cached under CACHE_DIR/fixtures/, keyed by BUILDER_VERSION (SD2_BUILDER_VERSION for the
+SD2 file); bump it whenever the output of a builder changes. Run this file to build them all:
+`python tests/support/tiny_models.py`.
 """
 
 from __future__ import annotations
@@ -116,6 +122,33 @@ _COMFY_UNET_CONFIG: dict[str, Any] = {
     "transformer_depth_middle": 1,
 }
 
+# SD2.x-v: the tiny UNet at SD2's widths. diffusers' `attention_head_dim` is its legacy name for the
+# number of heads: 320 channels / 64 per head (SD2's num_head_channels) = 5.
+SD2_BUILDER_VERSION = "1"
+TINY_SD2_UNET_CONFIG: dict[str, Any] = {
+    **TINY_UNET_CONFIG,
+    "sample_size": 96,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": 5,
+    "use_linear_projection": True,
+}
+# The OpenCLIP ViT-H text tower SD2 uses, cut to 3 resblocks. SD2 conditions on the penultimate
+# layer, so a loader keeps 2 of them (diffusers' SD2 text encoder drops resblock 23 the same way).
+TINY_OPEN_CLIP_TEXT_CONFIG: dict[str, Any] = {
+    **CLIP_L_TEXT_CONFIG,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "projection_dim": 1024,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 16,
+    "hidden_act": "gelu",
+    "pad_token_id": 0,
+}
+# Spread of the last output block's first norm1.bias: ComfyUI and the trainer call an SD2 UNet
+# v-prediction when its std exceeds 0.09 (real 768-v files are well above it; a fresh LayerNorm
+# bias is all zeros).
+SD2_V_NORM_BIAS_STD = 0.2
+
 FIXTURES_DIR = CACHE_DIR / "fixtures"
 
 
@@ -127,13 +160,22 @@ def tiny_sd15_checkpoint(comfyui_root: Path | None = None) -> Path:
     return _cached("tiny-sd15", "sd15", comfyui_root)
 
 
+def tiny_sd2_checkpoint(comfyui_root: Path | None = None) -> Path:
+    """Path to the cached tiny SD2.x-v single-file checkpoint (LDM keys, fp16 storage, ~400 MB).
+
+    UNet `model.diffusion_model.*`, standard SD VAE `first_stage_model.*` (the SD1.5 fixture's
+    weights), OpenCLIP text encoder `cond_stage_model.model.*` with 3 resblocks.
+    """
+    return _cached("tiny-sd2v", "sd2", comfyui_root, SD2_BUILDER_VERSION)
+
+
 def tiny_controlnet(comfyui_root: Path | None = None) -> Path:
     """Path to the cached tiny ControlNet (cldm `control_model.*` keys, fp16), built if needed."""
     return _cached("tiny-controlnet", "controlnet", comfyui_root)
 
 
-def _cached(stem: str, kind: str, comfyui_root: Path | None) -> Path:
-    final = FIXTURES_DIR / f"{stem}-v{BUILDER_VERSION}.safetensors"
+def _cached(stem: str, kind: str, comfyui_root: Path | None, version: str = BUILDER_VERSION) -> Path:
+    final = FIXTURES_DIR / f"{stem}-v{version}.safetensors"
     if final.is_file():
         return final
     if comfyui_root is None:
@@ -199,6 +241,49 @@ def _build_sd15(out: Path) -> dict[str, Any]:
     return _save(sd, out, save_file)
 
 
+def _build_sd2(out: Path) -> dict[str, Any]:
+    import comfy.diffusers_convert
+    import comfy.utils
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(SEED + 5)
+    unet = UNet2DConditionModel(**TINY_SD2_UNET_CONFIG)
+    gen = torch.Generator().manual_seed(SEED + 6)
+    with torch.no_grad():
+        norm1 = unet.up_blocks[-1].attentions[-1].transformer_blocks[0].norm1
+        norm1.bias.copy_(torch.randn(norm1.bias.shape, generator=gen) * SD2_V_NORM_BIAS_STD)
+    torch.manual_seed(SEED + 1)  # the SD1.5 fixture's VAE seed: the same standard VAE weights
+    vae = AutoencoderKL(**SD_VAE_CONFIG)
+    torch.manual_seed(SEED + 7)
+    # With projection: real SD2 files carry OpenCLIP's text_projection (unused for conditioning).
+    text = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_OPEN_CLIP_TEXT_CONFIG))
+
+    sd: dict[str, Any] = {}
+    key_map = comfy.utils.unet_to_diffusers(dict(_COMFY_UNET_CONFIG))
+    unet_sd = unet.state_dict()
+    missing = sorted(set(unet_sd) - set(key_map))
+    if missing:
+        raise RuntimeError(f"UNet keys without an LDM name: {missing[:20]}")
+    for k, v in unet_sd.items():
+        sd["model.diffusion_model." + key_map[k]] = v
+    for k, v in comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict()).items():
+        sd["first_stage_model." + k] = v
+    # ComfyUI's own SD2 save path (SD20.process_clip_state_dict_for_saving): HF CLIP keys under
+    # `transformer.` become OpenCLIP's resblocks / fused in_proj / transposed text_projection.
+    text_sd = {"transformer." + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+               for k, v in text.state_dict().items() if not k.endswith("position_ids")}
+    for k, v in comfy.diffusers_convert.convert_text_enc_state_dict_v20(text_sd).items():
+        sd["cond_stage_model.model." + k] = v
+    last = max(int(k.split(".")[3]) for k in sd if k.startswith("model.diffusion_model.output_blocks."))
+    bias = sd[f"model.diffusion_model.output_blocks.{last}.1.transformer_blocks.0.norm1.bias"]
+    if not torch.std(bias.float(), unbiased=False) > 0.09:
+        raise RuntimeError("the v-prediction norm bias lost its spread")
+    return _save(sd, out, save_file, SD2_BUILDER_VERSION)
+
+
 def _build_controlnet(out: Path) -> dict[str, Any]:
     import comfy.utils
     import torch
@@ -236,7 +321,7 @@ def _build_controlnet(out: Path) -> dict[str, Any]:
     return _save(sd, out, save_file)
 
 
-def _save(sd: dict[str, Any], out: Path, save_file: Any) -> dict[str, Any]:
+def _save(sd: dict[str, Any], out: Path, save_file: Any, version: str = BUILDER_VERSION) -> dict[str, Any]:
     import torch
 
     zero = [k for k, v in sd.items() if k.endswith("weight") and v.ndim > 1 and not torch.any(v)]
@@ -244,7 +329,7 @@ def _save(sd: dict[str, Any], out: Path, save_file: Any) -> dict[str, Any]:
         raise RuntimeError(f"weights left all-zero: {zero[:10]}")
     # fp16 halves the file; ComfyUI on CPU and the trainer upcast to fp32 on load.
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
-    save_file(sd, str(out), metadata={"format": "pt", "builder_version": BUILDER_VERSION})
+    save_file(sd, str(out), metadata={"format": "pt", "builder_version": version})
     return {"tensors": len(sd), "params": sum(v.numel() for v in sd.values()), "bytes": out.stat().st_size}
 
 
@@ -252,7 +337,7 @@ def _child_build(kind: str, out: Path, comfyui_root: Path) -> int:
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(comfyui_root))
     t0 = time.monotonic()
-    info = {"sd15": _build_sd15, "controlnet": _build_controlnet}[kind](out)
+    info = {"sd15": _build_sd15, "sd2": _build_sd2, "controlnet": _build_controlnet}[kind](out)
     info["seconds"] = round(time.monotonic() - t0, 2)
     print(json.dumps(info))
     return 0
@@ -260,7 +345,7 @@ def _child_build(kind: str, out: Path, comfyui_root: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the tiny test models and print their paths.")
-    parser.add_argument("--build", choices=["sd15", "controlnet"], help=argparse.SUPPRESS)
+    parser.add_argument("--build", choices=["sd15", "sd2", "controlnet"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--comfyui", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -268,5 +353,6 @@ def main(argv: list[str] | None = None) -> int:
         return _child_build(args.build, args.out, args.comfyui)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(tiny_sd15_checkpoint())
+    print(tiny_sd2_checkpoint())
     print(tiny_controlnet())
     return 0
