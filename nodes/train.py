@@ -1,0 +1,447 @@
+"""The train node: DreamBooth-LoRA training in a separate process, with progress, cancel and resume.
+
+What it owns (the trainer owns the rest): turning widgets into a validated run.json, handing VRAM
+over (ComfyUI unloads its models first), deciding whether a LoRA on disk already is this training
+(then it is returned without training), relaying the trainer's events to the browser, and turning
+how the trainer ended into either outputs, "interrupted" (checkpoint kept, queue again to resume) or
+an error that says what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any
+
+import comfy.model_management as mm
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image
+from typing_extensions import override
+
+from ..trainer import lora as lora_format
+from ..trainer.config import ConfigError, TrainConfig
+from ..trainer.launcher import describe_exit
+from ..trainer.plots import render_loss_curve
+from .trainer_process import METRICS_FILE, MetricsLog, UiRelay, run_trainer
+from .types import Dataset, InstanceData, LoraFile, Prior, PriorPreservation, TrainedLora
+
+logger = logging.getLogger(__name__)
+
+RUNS_SUBDIR = "dreambooth"  # under ComfyUI's output folder: one run folder per LoRA name
+CACHE_NAME = "_cache"  # shared by all runs: generated class images, model hashes
+DEFAULT_LORA_NAME = "dreambooth/my_subject"
+# Saved every N steps so a crash or a killed server loses at most that much; a stop saves anyway.
+DEFAULT_CHECKPOINTING_STEPS = 100
+_BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f]')
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_SAMPLE_NAME = re.compile(r"^step_(\d+)_(\d+)\.png$")
+# Node input name -> TrainConfig key, where they differ (to name the widget in error messages).
+_CONFIG_KEYS = {"steps": "max_train_steps", "batch_size": "train_batch_size"}
+
+
+def _field(name: str) -> Any:
+    return TrainConfig.__dataclass_fields__[name]
+
+
+def _help(name: str) -> str:
+    return str(_field(name).metadata.get("help", ""))
+
+
+def _default(name: str) -> Any:
+    return _field(name).default
+
+
+def _choices(name: str) -> list[str]:
+    return list(typing.get_args(typing.get_type_hints(TrainConfig)[name]))
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def sanitize_lora_name(name: str) -> str:
+    """'people/Alice' -> 'people/Alice': a path under models/loras without extension; never escapes it."""
+    text = name.strip().replace("\\", "/")
+    if text.lower().endswith(".safetensors"):
+        text = text[: -len(".safetensors")]
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text) or text.startswith("~"):
+        raise ValueError(f"lora_name {name!r} must be a name relative to models/loras (e.g. 'people/alice'), "
+                         "not an absolute path.")
+    parts = []
+    for raw in text.split("/"):
+        raw = raw.strip()
+        if raw == "..":
+            raise ValueError(f"lora_name {name!r} contains '..'; the LoRA is saved inside models/loras, "
+                             "subfolders are allowed but no way out of it.")
+        part = _BAD_CHARS.sub("_", raw).rstrip(". ")
+        if not part or part == ".":
+            continue
+        if part.startswith("."):
+            part = "_" + part[1:]
+        if part.split(".")[0].upper() in _RESERVED:
+            part = "_" + part  # reserved device names on Windows
+        parts.append(part)
+    if not parts:
+        raise ValueError("lora_name is empty: give the LoRA a name, e.g. 'my_dog' (saved as models/loras/my_dog.safetensors).")
+    if parts[0] == CACHE_NAME:
+        raise ValueError(f"lora_name may not start with {CACHE_NAME!r}: that folder holds the shared training cache.")
+    return "/".join(parts)
+
+
+def loras_root() -> Path:
+    return Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+
+
+def runs_root() -> Path:
+    return Path(folder_paths.get_output_directory()).resolve() / RUNS_SUBDIR
+
+
+def _inside(path: Path, root: Path) -> Path:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"{path} leads out of {root} (a symlinked folder?); choose another lora_name.")
+    return resolved
+
+
+def _file_signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _trainer_device() -> str:
+    """Train where ComfyUI computes: '--cpu' means CPU for the trainer too."""
+    device = mm.get_torch_device()
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return f"cuda:{device.index}" if device.index is not None else "cuda"
+    return "auto"
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def build_config(*, ckpt_path: Path, dataset: InstanceData, prior: PriorPreservation | None, rel_name: str,
+                 settings: dict[str, Any]) -> TrainConfig:
+    run_dir = runs_root() / rel_name
+    metadata = {"dataset_fingerprint": dataset.fingerprint}
+    values: dict[str, Any] = {
+        "pretrained_model": str(ckpt_path),
+        "instance_data_dir": str(dataset.folder),
+        "instance_prompt": dataset.instance_prompt,
+        "use_captions": dataset.use_captions,
+        "resolution": dataset.resolution,
+        "crop": dataset.crop,
+        "output_dir": str(run_dir),
+        "output_path": str(loras_root() / f"{rel_name}.safetensors"),
+        "cache_dir": str(runs_root() / CACHE_NAME),
+        "resume": "auto",
+        "lora_name": rel_name.rsplit("/", 1)[-1],  # the title in the header; folders are this machine's
+        "device": _trainer_device(),
+    }
+    if prior is not None:
+        values |= {"with_prior_preservation": True, "class_prompt": prior.class_prompt,
+                   "num_class_images": prior.num_class_images, "prior_loss_weight": prior.prior_loss_weight,
+                   "class_data_dir": str(prior.class_folder) if prior.class_folder else None}
+        if prior.class_fingerprint:
+            metadata["class_fingerprint"] = prior.class_fingerprint
+    prompts = [line.strip() for line in str(settings.pop("validation_prompts", "")).splitlines() if line.strip()]
+    values |= {_CONFIG_KEYS.get(k, k): v for k, v in settings.items()}
+    values |= {"validation_prompts": prompts, "metadata": metadata}
+    try:
+        return TrainConfig.from_dict(values)
+    except ConfigError as exc:
+        widget = {v: k for k, v in _CONFIG_KEYS.items()}.get(exc.key, exc.key)
+        raise ValueError(f"{widget}: {str(exc).split(': ', 1)[-1]}") from exc
+
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def differences_from(path: Path, config: TrainConfig) -> list[str]:
+    """Why the LoRA at ``path`` is not what ``config`` would train ([] when it is)."""
+    try:
+        meta = read_lora_metadata(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable header means "not ours to reuse"
+        return [f"its header cannot be read ({exc})"]
+    if "dreambooth.config" not in meta:
+        return ["it was not made by the DreamBooth train node (no dreambooth.config in its header)"]
+    try:
+        stored = json.loads(meta["dreambooth.config"])
+    except json.JSONDecodeError:
+        return ["its dreambooth.config header is not valid JSON"]
+    expected = lora_format.metadata_signature(config)
+    diffs = [f"{key}: {stored.get(key)!r} in the file, {expected.get(key)!r} now"
+             for key in sorted(set(stored) | set(expected)) if stored.get(key) != expected.get(key)]
+    if meta.get("ss_max_train_steps") != str(config.max_train_steps):
+        diffs.append(f"steps: {meta.get('ss_max_train_steps')} in the file, {config.max_train_steps} now")
+    for key, what in (("dataset_fingerprint", "the training images or captions"),
+                      ("class_fingerprint", "the class images")):
+        if meta.get(f"user.{key}", "") != config.metadata.get(key, ""):
+            diffs.append(f"{what} changed")
+    if not diffs:
+        from ..trainer.models import file_sha256  # memoised by the trainer in the shared cache
+
+        sha = file_sha256(Path(config.pretrained_model), Path(config.cache_dir))
+        if meta.get("dreambooth.base_model_sha256") != sha:
+            diffs.append("the base model file has other contents than the one it was trained on")
+    return diffs
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def _latest_samples(run_dir: Path, up_to: int | None) -> list[Path]:
+    by_step: dict[int, list[tuple[int, Path]]] = {}
+    for path in (run_dir / "samples").glob("step_*.png"):
+        match = _SAMPLE_NAME.match(path.name)
+        if match and (up_to is None or int(match.group(1)) <= up_to):
+            by_step.setdefault(int(match.group(1)), []).append((int(match.group(2)), path))
+    if not by_step:
+        return []
+    return [p for _, p in sorted(by_step[max(by_step)])]
+
+
+def load_images(paths: list[Path]) -> torch.Tensor:
+    """PNG files -> IMAGE batch; a 1x64x64 black image when there are none."""
+    frames: list[np.ndarray] = []
+    size: tuple[int, int] | None = None
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+        except OSError as exc:
+            logger.warning("cannot read sample %s: %s", path, exc)
+            continue
+        size = size or rgb.size
+        if rgb.size != size:
+            rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+        frames.append(np.asarray(rgb, dtype=np.float32) / 255.0)
+    if not frames:
+        return torch.zeros(1, 64, 64, 3)
+    return torch.from_numpy(np.stack(frames))
+
+
+def pil_to_image(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def _result(rel_name: str, lora_path: Path, run_dir: Path, config: TrainConfig,
+            sample_paths: list[Path] | None = None) -> io.NodeOutput:
+    meta = read_lora_metadata(lora_path)
+    try:
+        step = int(meta.get("ss_steps", config.max_train_steps))
+    except ValueError:
+        step = config.max_train_steps
+    metrics = MetricsLog(run_dir / METRICS_FILE)
+    curve = render_loss_curve(metrics.curve(up_to=step), total_steps=config.max_train_steps,
+                              title=f"loss of {rel_name}")
+    samples = load_images(sample_paths if sample_paths else _latest_samples(run_dir, step))
+    trained = TrainedLora(path=lora_path, name=f"{rel_name}.safetensors", metadata=meta)
+    return io.NodeOutput(trained, pil_to_image(curve), samples)
+
+
+# --------------------------------------------------------------------------------------------- node
+
+
+def _lr_input(name: str, config_key: str) -> io.Float.Input:
+    return io.Float.Input(name, default=_default(config_key), min=0.0, max=1.0, step=0.000001,
+                          tooltip=_help(config_key))
+
+
+class DreamBoothTrain(io.ComfyNode):
+    @classmethod
+    @override
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamBoothTrain",
+            display_name="DreamBooth Train LoRA",
+            category="DreamBooth/train",
+            description=(
+                "Trains a DreamBooth LoRA of your subject on an SD1.x/SD2.x checkpoint, in a separate process "
+                "(ComfyUI frees its VRAM first). Cancel keeps a checkpoint; queueing again resumes. A LoRA "
+                "already trained with the same settings and images is returned without training."
+            ),
+            is_output_node=True,
+            hidden=[io.Hidden.unique_id],
+            inputs=[
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="The base checkpoint (SD1.x or SD2.x, from models/checkpoints) to train on. "
+                                       "Use the LoRA with this checkpoint."),
+                Dataset.Input("dataset", tooltip="The subject photos and prompt, from the DreamBooth Dataset node."),
+                Prior.Input("prior", optional=True,
+                            tooltip="Optional prior preservation (DreamBooth Prior Preservation node): keeps the "
+                                    "class generic at about twice the cost per step."),
+                io.String.Input("lora_name", default=DEFAULT_LORA_NAME,
+                                tooltip="Saved as models/loras/<lora_name>.safetensors (subfolders allowed). The "
+                                        "run folder (checkpoints, samples, trainer.log) is "
+                                        f"output/{RUNS_SUBDIR}/<lora_name>/."),
+                io.Int.Input("steps", default=_default("max_train_steps"), min=1, max=1_000_000,
+                             tooltip=_help("max_train_steps") + " 100-200 per photo is typical at lr 1e-4."),
+                _lr_input("learning_rate", "learning_rate"),
+                _lr_input("text_encoder_lr", "text_encoder_lr"),
+                io.Boolean.Input("train_text_encoder", default=_default("train_text_encoder"),
+                                 tooltip=_help("train_text_encoder") + " Learns the identifier better; costs memory."),
+                io.Int.Input("rank", default=_default("rank"), min=1, max=1024,
+                             tooltip=_help("rank") + " 4-32 is typical; higher = bigger file, more capacity."),
+                io.Float.Input("alpha", default=_default("alpha"), min=0.01, max=4096.0, step=0.5,
+                               tooltip=_help("alpha") + " alpha = rank keeps the scale at 1."),
+                io.Combo.Input("unet_target", options=_choices("unet_target"), default=_default("unet_target"),
+                               tooltip=_help("unet_target")),
+                io.Int.Input("batch_size", default=_default("train_batch_size"), min=1, max=256,
+                             tooltip=_help("train_batch_size")),
+                io.Int.Input("gradient_accumulation_steps", default=_default("gradient_accumulation_steps"),
+                             min=1, max=1024, tooltip=_help("gradient_accumulation_steps")),
+                io.Boolean.Input("gradient_checkpointing", default=_default("gradient_checkpointing"),
+                                 tooltip=_help("gradient_checkpointing") + " Turn on when out of memory."),
+                io.Combo.Input("mixed_precision", options=_choices("mixed_precision"),
+                               default=_default("mixed_precision"), tooltip=_help("mixed_precision")),
+                io.Combo.Input("lr_scheduler", options=_choices("lr_scheduler"), default=_default("lr_scheduler"),
+                               tooltip=_help("lr_scheduler")),
+                io.Int.Input("lr_warmup_steps", default=_default("lr_warmup_steps"), min=0, max=1_000_000,
+                             tooltip=_help("lr_warmup_steps")),
+                io.Float.Input("min_snr_gamma", default=_default("min_snr_gamma"), min=0.0, max=100.0, step=0.5,
+                               tooltip=_help("min_snr_gamma")),
+                io.Int.Input("seed", default=_default("seed"), min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip=_help("seed") + " Fixed on purpose: a new seed means a new training."),
+                io.Int.Input("checkpointing_steps", default=DEFAULT_CHECKPOINTING_STEPS, min=0, max=1_000_000,
+                             tooltip=_help("checkpointing_steps") + " Cancelling always saves one; these protect "
+                                     "against crashes. Queueing again resumes from the newest."),
+                io.String.Input("validation_prompts", default="", multiline=True,
+                                tooltip="Prompts to sample during training, one per line (empty: no samples; the "
+                                        "samples output is then one black 64x64 image). They do not change the "
+                                        "LoRA: changing only them returns the LoRA already trained."),
+                io.Int.Input("validation_steps", default=_default("validation_steps"), min=0, max=1_000_000,
+                             tooltip=_help("validation_steps")),
+                io.Boolean.Input("overwrite", default=_default("overwrite"),
+                                 tooltip="Replace an existing models/loras/<lora_name>.safetensors that was trained "
+                                         "with other settings or images. Off: that is an error, so a good LoRA is "
+                                         "never replaced by accident."),
+            ],
+            outputs=[
+                LoraFile.Output("lora", display_name="lora",
+                                tooltip="The trained LoRA, for the DreamBooth LoRA Loader's lora input."),
+                io.Image.Output("loss_curve", display_name="loss_curve",
+                                tooltip="Training loss per step (faint) and its moving average (bold)."),
+                io.Image.Output("samples", display_name="samples",
+                                tooltip="Validation samples of the last sampled step, one per prompt; a single "
+                                        "black 64x64 image when no validation prompts were given."),
+            ],
+        )
+
+    @classmethod
+    @override
+    def validate_inputs(cls, ckpt_name: str | None = None) -> bool | str:
+        # One parameter only: core files a failure under every input named here, and skips its own
+        # min/max checks for them. lora_name is checked at the start of execute(), before any work.
+        # None: the input is linked, so its value is only known when the prompt runs.
+        if ckpt_name is not None and folder_paths.get_full_path("checkpoints", ckpt_name) is None:
+            return (f"checkpoint {ckpt_name!r} is not in models/checkpoints; put it there and refresh the page, "
+                    "or pick another one.")
+        return True
+
+    @classmethod
+    @override
+    def fingerprint_inputs(cls, ckpt_name: str = "", lora_name: str = DEFAULT_LORA_NAME, **kwargs: Any) -> Any:
+        # The dataset node's own fingerprint already covers the photos. Here: a checkpoint replaced under
+        # the same name, and a LoRA file deleted or replaced since it was returned.
+        ckpt = folder_paths.get_full_path("checkpoints", ckpt_name)
+        try:
+            lora_path = loras_root() / f"{sanitize_lora_name(lora_name)}.safetensors"
+        except ValueError:
+            lora_path = None
+        return (_file_signature(Path(ckpt)) if ckpt else None,
+                _file_signature(lora_path) if lora_path else None)
+
+    @classmethod
+    @override
+    def execute(cls, ckpt_name: str, dataset: InstanceData, lora_name: str, steps: int, learning_rate: float,
+                text_encoder_lr: float, train_text_encoder: bool, rank: int, alpha: float, unet_target: str,
+                batch_size: int, gradient_accumulation_steps: int, gradient_checkpointing: bool,
+                mixed_precision: str, lr_scheduler: str, lr_warmup_steps: int, min_snr_gamma: float, seed: int,
+                checkpointing_steps: int, validation_prompts: str, validation_steps: int, overwrite: bool,
+                prior: PriorPreservation | None = None) -> io.NodeOutput:
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        relay = UiRelay(node_id)
+        ckpt_path = Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
+        rel_name = sanitize_lora_name(lora_name)
+        lora_path = _inside(loras_root() / f"{rel_name}.safetensors", loras_root())
+        run_dir = _inside(runs_root() / rel_name, runs_root())
+        settings = {
+            "steps": steps, "learning_rate": learning_rate, "text_encoder_lr": text_encoder_lr,
+            "train_text_encoder": train_text_encoder, "rank": rank, "alpha": alpha, "unet_target": unet_target,
+            "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+            "gradient_checkpointing": gradient_checkpointing, "mixed_precision": mixed_precision,
+            "lr_scheduler": lr_scheduler, "lr_warmup_steps": lr_warmup_steps, "min_snr_gamma": min_snr_gamma,
+            "seed": seed, "checkpointing_steps": checkpointing_steps, "validation_prompts": validation_prompts,
+            "validation_steps": validation_steps, "overwrite": overwrite,
+        }
+        config = build_config(ckpt_path=ckpt_path, dataset=dataset, prior=prior, rel_name=rel_name,
+                              settings=settings)
+
+        if lora_path.is_file():
+            diffs = differences_from(lora_path, config)
+            if not diffs:
+                relay.status(f"{lora_path.name} already holds this training (same settings, images and base "
+                             "model): returned without training", reused=True)
+                return _result(rel_name, lora_path, run_dir, config)
+            if not overwrite:
+                raise ValueError(
+                    f"{lora_path} already exists and was trained differently: {'; '.join(diffs[:6])}. Turn on "
+                    "overwrite to train again and replace it, or choose another lora_name."
+                )
+            relay.status(f"replacing {lora_path.name} (overwrite is on): {'; '.join(diffs[:3])}")
+
+        config_path = run_dir / "run.json"
+        _write_json_atomic(config_path, config.to_dict())
+        # The trainer needs the VRAM that ComfyUI's cached models hold; they reload on the next prompt.
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+        metrics = MetricsLog(run_dir / METRICS_FILE)
+        outcome = run_trainer(config_path, run_dir=run_dir, node_id=node_id, total_steps=config.max_train_steps,
+                              relay=relay, metrics=metrics)
+        log_note = f"Full trainer log: {run_dir / 'trainer.log'}"
+        if outcome.stop_requested and outcome.returncode != 0:
+            relay.status(f"interrupted: the checkpoint is kept in {run_dir / 'checkpoints'}; queue the prompt "
+                         "again with the same settings to resume", interrupted=True)
+            mm.throw_exception_if_processing_interrupted()
+            raise mm.InterruptProcessingException()
+        if outcome.returncode != 0:
+            message = f"{describe_exit(outcome.returncode, outcome.error, outcome.stderr_tail)}\n{log_note}"
+            if outcome.error is None:
+                relay.error(message)
+            raise RuntimeError(message)
+        if not lora_path.is_file():
+            message = (f"the trainer reported success but {lora_path} does not exist; this is a bug, please "
+                       f"report it with the trainer log. {log_note}")
+            relay.error(message)
+            raise RuntimeError(message)
+        latest = max((int(s.get("step", 0)) for s in outcome.samples), default=None)
+        sample_paths = [Path(str(s["path"])) for s in sorted(outcome.samples, key=lambda s: int(s.get("index", 0)))
+                        if latest is not None and int(s.get("step", 0)) == latest]
+        return _result(rel_name, lora_path, run_dir, config, sample_paths)
+
+
+NODES: list[type[io.ComfyNode]] = [DreamBoothTrain]

@@ -1,0 +1,239 @@
+"""Drive one trainer process from inside a ComfyUI node: progress bar, interruption, UI events.
+
+The process itself (spawning, the hello check, reading its pipes) is ``trainer.launcher``; this module
+adds what only ComfyUI has: its interrupt flag, its progress bar and its websocket. Like core's API
+nodes waiting on a remote job, it checks the interrupt flag several times a second, asks the job to
+stop (the trainer saves a checkpoint), and then raises core's InterruptProcessingException so the UI
+shows "interrupted" rather than an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from ..trainer.launcher import TrainerLaunchError, TrainerProcess, verify_hello
+
+logger = logging.getLogger(__name__)
+
+UI_EVENT = "dreambooth.train"
+POLL_S = 0.25  # how often the interrupt flag is read while waiting for events
+HELLO_TIMEOUT_S = 120.0  # Python start-up plus the engine's light imports; slow disks need a margin
+STOP_TIMEOUT_S = 60.0  # a stop saves a checkpoint first; a real model's set-up may still be running
+_PROGRESS_EVERY_S = 0.25  # UI progress relays per second, at most (fast GPUs do many steps a second)
+METRICS_FILE = "metrics.jsonl"
+
+
+class UiRelay:
+    """Sends ``{"node", "prompt_id", "event"}`` messages to the browser that queued the prompt."""
+
+    def __init__(self, node_id: str | None) -> None:
+        self.node_id = node_id
+
+    def send(self, event: dict[str, Any]) -> None:
+        try:
+            from server import PromptServer
+
+            server = PromptServer.instance
+            payload = {"node": self.node_id, "prompt_id": server.last_prompt_id, "event": event}
+            server.send_sync(UI_EVENT, payload, server.client_id)
+        except Exception:  # noqa: BLE001 - the UI is a nicety; training must not fail for it
+            logger.debug("could not relay a UI event", exc_info=True)
+
+    def status(self, message: str, *, level: str = "info", **extra: Any) -> None:
+        log = logger.warning if level == "warning" else logger.info
+        log("%s", message)
+        self.send({"type": "status", "message": message, "level": level, "source": "node",
+                   "time": round(time.time(), 3), **extra})
+
+    def error(self, message: str) -> None:
+        self.send({"type": "error", "kind": "node", "message": message, "source": "node",
+                   "time": round(time.time(), 3)})
+
+
+class MetricsLog:
+    """Loss per step, kept in the run folder so a resumed or reused run still has its whole curve."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.points: dict[int, float] = {}
+        try:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                item = json.loads(line)
+                self.points[int(item["step"])] = float(item["loss"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+
+    def restart_at(self, step: int) -> None:
+        """The trainer starts at ``step``: values beyond it belong to a run it did not continue."""
+        self.points = {s: v for s, v in self.points.items() if s <= step}
+        self._rewrite()
+
+    def add(self, step: int, loss: Any) -> None:
+        try:
+            value = float(loss)  # a diverged loss arrives as the string "nan"
+        except (TypeError, ValueError):
+            return
+        self.points[step] = value
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "loss": value}) + "\n")
+        except OSError:
+            pass
+
+    def _rewrite(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
+                                         for s, v in sorted(self.points.items())), encoding="utf-8")
+        except OSError:
+            pass
+
+    def curve(self, up_to: int | None = None) -> list[tuple[int, float]]:
+        return [(s, v) for s, v in sorted(self.points.items()) if up_to is None or s <= up_to]
+
+
+@dataclass
+class RunOutcome:
+    returncode: int
+    stop_requested: bool
+    stderr_tail: str
+    done: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: str | None = None
+
+
+def view_url(path: Path) -> str | None:
+    """The /view URL of a file under ComfyUI's output folder, or None outside it."""
+    root = Path(folder_paths.get_output_directory()).resolve()
+    try:
+        rel = Path(path).resolve().relative_to(root)
+    except ValueError:
+        return None
+    query = {"filename": rel.name, "type": "output", "subfolder": rel.parent.as_posix().strip(".")}
+    return "/view?" + urllib.parse.urlencode(query)
+
+
+class _Driver:
+    def __init__(self, proc: TrainerProcess, relay: UiRelay, metrics: MetricsLog, total: int,
+                 node_id: str | None) -> None:
+        self.proc = proc
+        self.relay = relay
+        self.metrics = metrics
+        self.total = total
+        self.pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.interrupted = False
+        self.stop_sent_at: float | None = None
+        self.hello_seen = False
+        self.train_started = False
+        self.last_progress_relay = 0.0
+        self.outcome = RunOutcome(returncode=0, stop_requested=False, stderr_tail="")
+
+    def interrupt_requested(self) -> bool:
+        return self.interrupted or mm.processing_interrupted()
+
+    def _progress(self, step: int, total: int) -> None:
+        try:
+            self.pbar.update_absolute(step, total)
+        except mm.InterruptProcessingException:
+            # Core's progress hook raises (and clears the flag) when the user cancels; remember it so the
+            # trainer is still stopped cleanly instead of being left running.
+            self.interrupted = True
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        out = self.outcome
+        relayed = dict(event)
+        if kind == "hello":
+            verify_hello(event, self.proc.pack_root)
+            self.hello_seen = True
+        elif kind == "progress":
+            step, total = int(event.get("step", 0)), int(event.get("total", self.total) or self.total)
+            if event.get("phase") == "train" and not self.train_started:
+                self.train_started = True
+                self.metrics.restart_at(step)
+            self._progress(step, total)
+            now = time.monotonic()
+            if now - self.last_progress_relay < _PROGRESS_EVERY_S and step < total:
+                return
+            self.last_progress_relay = now
+        elif kind == "metrics":
+            self.metrics.add(int(event.get("step", 0)), event.get("loss"))
+            relayed["total"] = self.total
+        elif kind == "status":
+            message = str(event.get("message", ""))
+            if message.startswith("resumed from"):
+                out.resumed_from = message
+        elif kind == "sample":
+            url = view_url(Path(str(event.get("path", ""))))
+            if url:
+                relayed["url"] = url
+            out.samples.append(relayed)
+        elif kind == "done":
+            out.done = event
+            relayed.pop("config", None)  # every setting and path: too much for a status line
+        elif kind == "error":
+            out.error = event
+        self.relay.send(relayed)
+
+    def request_stop(self) -> None:
+        self.stop_sent_at = time.monotonic()
+        self.outcome.stop_requested = True
+        if not self.hello_seen:
+            self.proc.kill()  # nothing trained yet, nothing to save
+            return
+        self.relay.status("interrupt: asking the trainer to save a checkpoint and stop")
+        if not self.proc.send("stop"):
+            self.proc.kill()
+
+    def run(self) -> RunOutcome:
+        started = time.monotonic()
+        while True:
+            if self.stop_sent_at is None and self.interrupt_requested():
+                self.request_stop()
+            event = self.proc.next_event(POLL_S)
+            if event is not None:
+                self.handle(event)
+            elif self.proc.stdout_closed and self.proc.wait(POLL_S) is not None:
+                break
+            if not self.hello_seen and self.stop_sent_at is None and time.monotonic() - started > HELLO_TIMEOUT_S:
+                raise TrainerLaunchError(
+                    f"the trainer did not say hello within {HELLO_TIMEOUT_S:.0f} s; last log lines:\n"
+                    f"{self.proc.stderr_tail()}"
+                )
+            if self.stop_sent_at is not None and time.monotonic() - self.stop_sent_at > STOP_TIMEOUT_S:
+                self.relay.status(f"the trainer did not stop within {STOP_TIMEOUT_S:.0f} s and was killed; "
+                                  "the newest saved checkpoint is kept", level="warning")
+                self.proc.kill()
+                self.stop_sent_at = float("inf")  # no second kill message
+        returncode = self.proc.wait()
+        assert returncode is not None
+        if not self.hello_seen and not self.outcome.stop_requested:
+            raise TrainerLaunchError(
+                f"'python -m trainer' exited with code {returncode} before saying hello: it is not this pack's "
+                f"trainer or it could not start. Last output:\n{self.proc.stderr_tail()}"
+            )
+        self.outcome.returncode = returncode
+        self.outcome.stderr_tail = self.proc.stderr_tail()
+        return self.outcome
+
+
+def run_trainer(config_path: Path, *, run_dir: Path, node_id: str | None, total_steps: int,
+                relay: UiRelay, metrics: MetricsLog) -> RunOutcome:
+    """Run the trainer on ``config_path`` until it exits; stop it cleanly if the user interrupts.
+
+    Returns how it ended; the caller raises InterruptProcessingException when ``stop_requested``.
+    """
+    with TrainerProcess(config_path, log_path=run_dir / "trainer.log") as proc:
+        relay.status(f"trainer started (pid {proc.pid}); log: {run_dir / 'trainer.log'}", pid=proc.pid)
+        return _Driver(proc, relay, metrics, total_steps, node_id).run()

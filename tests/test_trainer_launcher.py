@@ -1,0 +1,112 @@
+"""The launcher (spawn, hello check, pipes, exit messages) and the loss-curve picture, without ComfyUI.
+
+The real engine is started as a child process here; an impostor `trainer` package in a temporary
+folder stands in for the unrelated PyPI package of the same name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from comfyui_dreambooth_lora.trainer import ENGINE_NAME
+from comfyui_dreambooth_lora.trainer.launcher import (
+    PACK_ROOT,
+    TrainerLaunchError,
+    TrainerProcess,
+    child_env,
+    describe_exit,
+    verify_hello,
+)
+from comfyui_dreambooth_lora.trainer.plots import render_loss_curve, smooth
+from comfyui_dreambooth_lora.trainer.protocol import EXIT_CONFIG, EXIT_DATA, EXIT_INTERNAL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def events_until_exit(proc: TrainerProcess, timeout: float = 60.0) -> list[dict]:
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not (proc.stdout_closed and proc.poll() is not None):
+        assert time.monotonic() < deadline, f"no exit; log:\n{proc.stderr_tail()}"
+        event = proc.next_event(0.2)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def test_the_real_engine_says_hello_and_reports_a_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "run config ü.json"
+    config.write_text(json.dumps({"pretrained_model": "m.safetensors", "rank": 0}), encoding="utf-8")
+    assert PACK_ROOT == REPO.resolve()
+    with TrainerProcess(config, log_path=tmp_path / "logs" / "trainer.log") as proc:
+        events = events_until_exit(proc)
+        assert proc.wait() == EXIT_CONFIG
+    hello, *rest = events
+    verify_hello(hello)  # the pack's own engine passes
+    assert hello["engine"] == ENGINE_NAME and hello["pid"] == proc.pid
+    error = rest[-1]
+    assert error["type"] == "error" and error["kind"] == "config"
+    assert "trainer started" in (tmp_path / "logs" / "trainer.log").read_text(encoding="utf-8")
+    message = describe_exit(EXIT_CONFIG, error, proc.stderr_tail())
+    assert message.startswith("the trainer rejected its configuration: config '")
+
+
+def test_an_impostor_trainer_package_is_recognised(tmp_path: Path) -> None:
+    fake = tmp_path / "trainer"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("", encoding="utf-8")
+    (fake / "__main__.py").write_text(
+        "import json, os\n"
+        "print('Trainer 3.0 - coqui TTS trainer')\n"
+        "print(json.dumps({'type': 'hello', 'engine': 'tts-trainer', 'package_dir': os.path.dirname(__file__)}))\n",
+        encoding="utf-8",
+    )
+    env = child_env(tmp_path)
+    with TrainerProcess(tmp_path / "run.json", log_path=tmp_path / "t.log", pack_root=tmp_path, env=env) as proc:
+        events = events_until_exit(proc, timeout=30)
+        assert proc.wait() == 0
+        assert "[stdout] Trainer 3.0" in proc.stderr_tail(), "non-protocol stdout is kept for the error message"
+    assert [e["type"] for e in events] == ["hello"]
+    with pytest.raises(TrainerLaunchError, match="Another package named 'trainer'"):
+        verify_hello(events[0], tmp_path)
+    with pytest.raises(TrainerLaunchError, match="not 'hello'"):
+        verify_hello({"type": "status"}, tmp_path)
+
+
+def test_child_env_puts_the_pack_first_on_pythonpath(tmp_path: Path) -> None:
+    env = child_env(tmp_path, {"PYTHONPATH": "/elsewhere", "PATH": "/bin"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/elsewhere"]
+    assert env["PYTHONUNBUFFERED"] == "1" and env["PATH"] == "/bin"
+
+
+def test_exit_messages_say_what_happened() -> None:
+    tail = "line one\nline two"
+    if hasattr(signal, "SIGKILL"):
+        killed = describe_exit(-signal.SIGKILL, None, tail)
+        assert killed.startswith("the trainer process was killed (signal 9, SIGKILL)") and killed.endswith(tail)
+    data = describe_exit(EXIT_DATA, {"kind": "data", "message": "photo.jpg is not an image", "advice": ""}, tail)
+    assert data == "the trainer could not use the training images: photo.jpg is not an image"
+    internal = describe_exit(EXIT_INTERNAL, {"kind": "internal", "message": "KeyError: 'x'", "advice": "see log"}, tail)
+    assert "KeyError: 'x'\nsee log\n" in internal and internal.endswith(tail)
+    silent = describe_exit(1, None, tail)
+    assert "without reporting why" in silent and silent.endswith(tail)
+
+
+def test_loss_curve_image() -> None:
+    points = [(i, 1.0 / i + (0.3 if i % 7 == 0 else 0.0)) for i in range(1, 60)] + [(60, float("nan"))]
+    image = render_loss_curve(points, total_steps=100, width=400, height=200)
+    assert image.size == (400, 200) and image.mode == "RGB"
+    pixels = np.asarray(image)
+    blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 80)
+    assert blue.sum() > 100, "the smoothed line is drawn"
+    empty = np.asarray(render_loss_curve([], width=200, height=100))
+    assert (empty != empty[0, 0]).any(axis=-1).sum() > 20, "the empty plot says so in text"
+    averaged = smooth([1.0, 1.0, 1.0])
+    assert all(math.isclose(v, 1.0) for v in averaged), "bias-corrected: no ramp from zero"
