@@ -267,6 +267,19 @@ def test_stop_command_saves_checkpoint_and_exits_stopped(tiny_checkpoint: Path, 
     assert not Path(cfg.output_path).exists()
 
 
+def test_orphaned_trainer_stops_when_its_launcher_goes_away(tiny_checkpoint: Path, photos: Path,
+                                                            tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(make_config(tiny_checkpoint, photos, tmp_path / "run").to_dict()), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(path), "--stop-when-stdin-closes"],
+                          cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == protocol.EXIT_STOPPED, proc.stderr[-2000:]
+    done = json.loads(proc.stdout.splitlines()[-1])
+    assert done["type"] == "done" and done["status"] == "stopped" and done["step"] == 0
+    assert done["lora_path"] is None
+
+
 def test_stray_prints_never_reach_the_event_stream(tmp_path: Path) -> None:
     code = (
         "import sys, os\n"

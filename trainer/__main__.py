@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="JSON file with the run's settings")
+    parser.add_argument("--stop-when-stdin-closes", action="store_true",
+                        help="treat end of stdin as a stop command (for launchers: an orphaned trainer "
+                        "whose parent died stops, saving a checkpoint, instead of training on unseen)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--version", action="version", version=f"{ENGINE_NAME} {__version__}")
     return parser
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     commands = Commands()
     if is_main_process:
-        commands.listen(sys.stdin)
+        commands.listen(sys.stdin, stop_at_eof=args.stop_when_stdin_closes)
     try:
         from .run import train
 
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         events.emit("error", kind=kind, message=message, advice=advice,
                     key=getattr(exc, "key", None), path=str(getattr(exc, "path", "") or ""))
         return ERROR_KINDS[kind]
-    events.emit("done", status=result.status, step=result.step, lora_path=str(result.lora_path),
+    events.emit("done", status=result.status, step=result.step,
+                lora_path=str(result.lora_path) if result.lora_path else None,
                 config=json.loads(json.dumps(config.to_dict())))
     return EXIT_STOPPED if result.status == "stopped" else EXIT_OK
 

@@ -125,7 +125,7 @@ class TrainerProcess:
         self._log = open(self.log_path, "ab")  # closed in close(), after the reader threads end
         # One log per run folder, appended: a resumed run's log keeps the story of the runs before it.
         self._write_log(f"\n===== trainer started {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
-        cmd = [self.python, "-m", "trainer", "--config", str(self.config_path)]
+        cmd = [self.python, "-m", "trainer", "--config", str(self.config_path), "--stop-when-stdin-closes"]
         logger.info("starting trainer: %s (cwd %s)", cmd, self.pack_root)
         self.proc = subprocess.Popen(cmd, cwd=self.pack_root, env=self.env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)

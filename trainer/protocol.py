@@ -117,13 +117,16 @@ class Commands:
             return
         getattr(self, command).set()
 
-    def listen(self, stream: IO[str]) -> threading.Thread:
+    def listen(self, stream: IO[str], *, stop_at_eof: bool = False) -> threading.Thread:
         def _read() -> None:
             try:
                 for line in stream:
                     self.handle_line(line)
             except (OSError, ValueError):
                 pass
+            if stop_at_eof:
+                logger.warning("stdin closed: the launcher is gone, stopping")
+                self.stop.set()
 
         thread = threading.Thread(target=_read, name="trainer-commands", daemon=True)
         thread.start()

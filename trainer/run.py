@@ -33,7 +33,11 @@ logger = logging.getLogger(__name__)
 class RunResult:
     status: str  # "done" or "stopped"
     step: int
-    lora_path: Path
+    lora_path: Path | None  # None when stopped before the first step
+
+
+class StopRequested(Exception):
+    """A stop command arrived while the run was still being set up."""
 
 
 class LatentCache:
@@ -75,6 +79,7 @@ class TrainingRun:
         self.runtime: Runtime = resolve_runtime(config.device, config.mixed_precision, config.attention)
         if self.runtime.device.type == "cuda" and self.runtime.device.index is not None:
             torch.cuda.set_device(self.runtime.device)
+        _forget_previous_single_process_run()
         self.accelerator = Accelerator(mixed_precision=self.runtime.mixed_precision,
                                        cpu=self.runtime.device.type == "cpu")
         self.device = self.accelerator.device
@@ -152,6 +157,7 @@ class TrainingRun:
 
     def build_caches(self) -> None:
         cfg = self.config
+        self.events.status("caching latents and prompts")
 
         def cache(prepared: list[data.PreparedImage]) -> LatentCache:
             return LatentCache([p.pixels for p in prepared], self._encode_images, keep=cfg.cache_latents,
@@ -442,14 +448,16 @@ class TrainingRun:
 
     # --- the run -----------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Everything before the first step: data, model, class images, caches, LoRA, resume."""
-        self.load_data()
-        self.load_model()
-        self.prepare_class_images()
-        self.events.status("caching latents and prompts")
-        self.build_caches()
-        self.setup_lora()
-        self.resume_if_possible()
+        """Everything before the first step: data, model, class images, caches, LoRA, resume.
+
+        A stop command is honoured between phases: loading a real model or generating class images
+        takes minutes, and a cancel must not wait for all of it.
+        """
+        for phase in (self.load_data, self.load_model, self.prepare_class_images, self.build_caches,
+                      self.setup_lora, self.resume_if_possible):
+            if self.commands.stop.is_set():
+                raise StopRequested
+            phase()
         for model in self.trainable_models:
             model.train()
 
@@ -457,15 +465,17 @@ class TrainingRun:
         cfg, events = self.config, self.events
         total = cfg.max_train_steps
         events.emit("progress", phase="train", step=self.step, total=total)
-        started, first = time.perf_counter(), self.step
+        train_seconds, first = 0.0, self.step
         while self.step < total:
             stop, sample_now, save_now = self.take_commands()
             if stop:
                 path = self.save_checkpoint()
                 events.status(f"stopped at step {self.step}; checkpoint saved")
-                return RunResult("stopped", self.step, (path or Path()) / checkpoint.LORA_FILE)
+                return RunResult("stopped", self.step, path / checkpoint.LORA_FILE if path else None)
+            started = time.perf_counter()
             metrics = self.optimisation_step()
-            ms_per_step = 1000 * (time.perf_counter() - started) / max(1, self.step - first)
+            train_seconds += time.perf_counter() - started  # samples and checkpoints not included
+            ms_per_step = 1000 * train_seconds / (self.step - first)
             lrs = [g["lr"] for g in self.optimizer.param_groups]
             events.emit("progress", phase="train", step=self.step, total=total)
             events.emit("metrics", step=self.step, **metrics, lr_unet=lrs[0],
@@ -481,6 +491,19 @@ class TrainingRun:
         return RunResult("done", self.step, self.save_final_lora())
 
 
+def _forget_previous_single_process_run() -> None:
+    """accelerate keeps process-wide state and refuses a second run with other precision settings;
+    a launcher that trains several times in one process (tests, notebooks) needs a clean slate.
+    Under ``accelerate launch`` the state belongs to the launch and is left alone."""
+    import os
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    if "WORLD_SIZE" not in os.environ and AcceleratorState._shared_state:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def derived_seed(*parts: object) -> int:
     """A seed from the run seed and a position; unlike hash(), stable across processes."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
@@ -493,5 +516,9 @@ def train(config: TrainConfig, events: EventWriter, commands: Commands) -> RunRe
     if out.exists() and not config.overwrite:
         raise ConfigError("output_path", f"{out} already exists; choose another name or set overwrite")
     run = TrainingRun(config, events, commands)
-    run.prepare()
+    try:
+        run.prepare()
+    except StopRequested:
+        events.status("stopped before training started; nothing to save")
+        return RunResult("stopped", 0, None)
     return run.loop()
