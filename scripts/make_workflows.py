@@ -1,0 +1,174 @@
+"""Regenerate ``example_workflows/`` (UI format) and ``example_workflows/api/`` (API format).
+
+The workflows are defined once, below, in API format with only the values that matter; every other
+widget takes the node's default from a real ComfyUI's ``/object_info`` (started here with the pack
+installed), so the files always match the current node schemas. Run after changing a node:
+
+    python3 scripts/dev.py env   # once, for the venv
+    .venv/bin/python scripts/make_workflows.py
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+OUT_UI = REPO / "example_workflows"
+OUT_API = OUT_UI / "api"
+SD15 = "v1-5-pruned-emaonly.safetensors"
+CANNY = "control_v11p_sd15_canny.pth"
+PHOTOS = "my_subject"  # a folder under ComfyUI/input/
+LORA = "dreambooth/my_subject"
+
+logger = logging.getLogger("make_workflows")
+
+
+def _dataset(node_id: str) -> dict[str, Any]:
+    return {node_id: {"class_type": "DreamBoothDataset", "_meta": {"title": "Subject photos"},
+                      "inputs": {"folder": PHOTOS, "instance_prompt": ["idn", 1], "resolution": 512}}}
+
+
+def _identifier() -> dict[str, Any]:
+    return {"idn": {"class_type": "DreamBoothIdentifier", "_meta": {"title": "Rare identifier"},
+                    "inputs": {"class_noun": "dog", "index": 0}}}
+
+
+def _train(prior: bool) -> dict[str, Any]:
+    nodes: dict[str, Any] = {
+        "train": {"class_type": "DreamBoothTrain", "_meta": {"title": "Train DreamBooth-LoRA"},
+                  "inputs": {"ckpt_name": SD15, "dataset": ["data", 0], "lora_name": LORA, "steps": 500,
+                             "validation_prompts": "a photo of fac dog on the beach\na fac dog in a bucket",
+                             "validation_steps": 100, "checkpointing_steps": 100}},
+        "crops": {"class_type": "PreviewImage", "_meta": {"title": "Training crops"},
+                  "inputs": {"images": ["data", 1]}},
+        "curve": {"class_type": "PreviewImage", "_meta": {"title": "Loss curve"}, "inputs": {"images": ["train", 1]}},
+        "samples": {"class_type": "PreviewImage", "_meta": {"title": "Validation samples"},
+                    "inputs": {"images": ["train", 2]}},
+    }
+    if prior:
+        nodes["prior"] = {"class_type": "DreamBoothPriorPreservation", "_meta": {"title": "Prior preservation"},
+                          "inputs": {"class_prompt": ["idn", 2], "num_class_images": 100,
+                                     "prior_loss_weight": 1.0}}
+        nodes["train"]["inputs"]["prior"] = ["prior", 0]
+    return {**_identifier(), **_dataset("data"), **nodes}
+
+
+def _generate(lora_from: list[Any] | None) -> dict[str, Any]:
+    loader_inputs: dict[str, Any] = {"model": ["ckpt", 0], "clip": ["ckpt", 1], "strength_model": 1.0,
+                                     "strength_clip": 0.8}
+    if lora_from is None:
+        loader_inputs["lora_name"] = f"{LORA}.safetensors"
+    else:
+        loader_inputs["lora"] = lora_from
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
+        "lora": {"class_type": "DreamBoothLoraLoader", "_meta": {"title": "LoRA (UNet / text encoder)"},
+                 "inputs": loader_inputs},
+        "cn": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CANNY}},
+        "pose": {"class_type": "LoadImage", "_meta": {"title": "Composition to follow"},
+                 "inputs": {"image": "example.png"}},
+        "gen": {"class_type": "DreamBoothControlNetGenerate", "_meta": {"title": "Generate with ControlNet"},
+                "inputs": {"model": ["lora", 0], "clip": ["lora", 1], "vae": ["ckpt", 2], "control_net": ["cn", 0],
+                           "image": ["pose", 0], "preprocessor": "canny",
+                           "positive": "a photo of fac dog sitting in a field of flowers, detailed, sharp",
+                           "negative": "blurry, low quality", "seed": 42, "steps": 25, "cfg": 7.0,
+                           "sampler_name": "dpmpp_2m", "scheduler": "karras", "strength": 0.9}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["gen", 0], "filename_prefix": "dreambooth/subject"}},
+        "hint": {"class_type": "PreviewImage", "_meta": {"title": "ControlNet hint"}, "inputs": {"images": ["gen", 1]}},
+    }
+
+
+def workflows() -> dict[str, dict[str, Any]]:
+    both = _train(prior=True)
+    both.update(_generate(["train", 0]))
+    return {
+        "dreambooth_train_with_prior": _train(prior=True),
+        "lora_split_strength_controlnet": _generate(None),
+        "dreambooth_train_then_generate": both,
+    }
+
+
+def layout(prompt: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Left-to-right columns by dependency depth, so the graph reads like the method."""
+    depth: dict[str, int] = {}
+
+    def level(node_id: str) -> int:
+        if node_id not in depth:
+            sources = [v[0] for v in prompt[node_id]["inputs"].values()
+                       if isinstance(v, list) and len(v) == 2 and v[0] in prompt]
+            depth[node_id] = 1 + max((level(s) for s in sources), default=-1)
+        return depth[node_id]
+
+    rows: dict[int, int] = {}
+    positions = {}
+    for node_id in prompt:
+        col = level(node_id)
+        positions[node_id] = (60 + 400 * col, 60 + 330 * rows.get(col, 0))
+        rows[col] = rows.get(col, 0) + 1
+    return positions
+
+
+def complete(prompt: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
+    """Fill every widget input the workflow leaves out with the node's default."""
+    from workflow_format import _ordered_inputs, is_widget  # noqa: PLC0415 - sibling script module
+
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        for name, spec, _optional in _ordered_inputs(object_info[node["class_type"]]):
+            if name in node["inputs"] or not is_widget(spec):
+                continue
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if "default" in options:
+                node["inputs"][name] = options["default"]
+            elif isinstance(spec[0], list) and spec[0]:
+                node["inputs"][name] = spec[0][0]
+    return out
+
+
+def _load_support() -> Any:
+    support = REPO / "tests" / "support"
+    spec = importlib.util.spec_from_file_location("dreambooth_test_support", support / "__init__.py",
+                                                  submodule_search_locations=[str(support)])
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dreambooth_test_support"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def fetch_object_info() -> dict[str, Any]:
+    _load_support()
+    from dreambooth_test_support import comfyui, paths  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="workflows ") as base:
+        server = comfyui.ComfyServer(comfyui.provision_comfyui(), Path(base))
+        server.install_pack(REPO, paths.PACK_NAME)
+        with server:
+            return server.object_info()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from workflow_format import api_to_ui  # noqa: PLC0415
+
+    object_info = fetch_object_info()
+    OUT_API.mkdir(parents=True, exist_ok=True)
+    for name, prompt in workflows().items():
+        api = complete(prompt, object_info)
+        (OUT_API / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n", encoding="utf-8")
+        ui = api_to_ui(api, object_info, layout(api))
+        (OUT_UI / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n", encoding="utf-8")
+        logger.info("wrote %s (%d nodes)", name, len(api))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

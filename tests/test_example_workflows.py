@@ -1,0 +1,134 @@
+"""Every example workflow is valid against the live node schemas and runs end to end.
+
+UI files are converted back to API form through the server's ``/object_info`` (node types, widget
+values, sockets and link types must all fit) and must equal their API twins; the API files are
+run on the real server with the tiny models swapped in for the SD1.5 files they name.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "example_workflows"
+DREAMBENCH = REPO.parent / "shared" / "dreambench"
+NAMES = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
+
+
+def _script_module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"dreambooth_scripts_{name}", REPO / "scripts" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+workflow_format = _script_module("workflow_format")
+
+
+def load(kind: str, name: str) -> dict[str, Any]:
+    folder = WORKFLOWS / "api" if kind == "api" else WORKFLOWS
+    return json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def test_there_are_the_three_documented_workflows() -> None:
+    assert NAMES == ["dreambooth_train_then_generate", "dreambooth_train_with_prior", "lora_split_strength_controlnet"]
+    for name in NAMES:
+        text = (WORKFLOWS / f"{name}.json").read_text(encoding="utf-8") + json.dumps(load("api", name))
+        assert "/home/" not in text and ":\\\\" not in text and "/tmp/" not in text, "no absolute paths"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_fits_the_live_schema_and_matches_its_api_twin(name: str, comfy_server) -> None:
+    object_info = comfy_server.object_info()
+    ui = load("ui", name)
+    as_api = workflow_format.ui_to_api(ui, object_info)
+    api = load("api", name)
+    ids = {old: str(i + 1) for i, old in enumerate(api)}
+
+    def renumber(node: dict[str, Any]) -> dict[str, Any]:
+        inputs = {k: [ids[v[0]], v[1]] if isinstance(v, list) and len(v) == 2 and v[0] in ids else v
+                  for k, v in node["inputs"].items()}
+        return {"class_type": node["class_type"], "inputs": inputs}
+
+    assert as_api == {ids[k]: renumber(v) for k, v in api.items()}
+    for link in ui["links"]:
+        assert any(n["id"] == link[1] for n in ui["nodes"]) and any(n["id"] == link[3] for n in ui["nodes"])
+
+
+@pytest.fixture(scope="module")
+def photo_folder(comfy_server) -> str:
+    """Four DreamBench dog photos (downscaled copies) in the server's input folder."""
+    folder = Path(comfy_server.input_dir) / "wf dog"
+    folder.mkdir(parents=True, exist_ok=True)
+    for jpg in sorted((DREAMBENCH / "dog").glob("*.jpg"))[:4]:
+        with Image.open(jpg) as img:
+            img.convert("RGB").resize((96, 96)).save(folder / f"{jpg.stem}.png")
+    with Image.open(sorted((DREAMBENCH / "dog").glob("*.jpg"))[0]) as img:
+        img.convert("RGB").resize((96, 64)).save(Path(comfy_server.input_dir) / "wf_layout.png")
+    return folder.name
+
+
+def tiny(prompt: dict[str, Any], photos: str, lora_name: str) -> dict[str, Any]:
+    """The same graph on the tiny models and small sizes; nothing structural changes."""
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if "ckpt_name" in inputs:
+            inputs["ckpt_name"] = "tiny-sd15.safetensors"
+        if kind == "ControlNetLoader":
+            inputs["control_net_name"] = "tiny-controlnet.safetensors"
+        if kind == "LoadImage":
+            inputs["image"] = "wf_layout.png"
+        if kind == "DreamBoothDataset":
+            inputs.update(folder=photos, resolution=64)
+        if kind == "DreamBoothPriorPreservation":
+            inputs["num_class_images"] = 2
+        if kind == "DreamBoothTrain":
+            inputs.update(steps=3, rank=4, alpha=4.0, lora_name=lora_name, checkpointing_steps=0,
+                          validation_prompts="a photo of fac dog on the beach")
+        if kind == "DreamBoothLoraLoader" and "lora" not in inputs:  # a file, not the train node's output
+            inputs["lora_name"] = f"{lora_name}.safetensors"
+        if kind == "DreamBoothControlNetGenerate":
+            inputs.update(steps=2)
+        if kind == "SaveImage":
+            inputs["filename_prefix"] = f"wf/{lora_name.replace('/', '_')}"
+    return out
+
+
+def test_train_with_prior_then_split_strength_generation(comfy_server, photo_folder: str) -> None:
+    result = comfy_server.run_prompt(tiny(load("api", "dreambooth_train_with_prior"), photo_folder, "wf/prior"))
+    result.raise_for_status()
+    lora = Path(comfy_server.models_dir) / "loras" / "wf" / "prior.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        meta = f.metadata()
+        assert any(k.startswith("lora_te_") for k in f.keys()) and any(k.startswith("lora_unet_") for k in f.keys())
+    assert meta["ss_prior_loss_weight"] == "1.0" and meta["dreambooth.class_prompt"] == "a photo of dog"
+    assert meta["dreambooth.instance_prompt"].startswith("a photo of ") and meta["ss_steps"] == "3"
+    crops = comfy_server.output_files(result, "crops")
+    assert len(crops) == 4 and all(Image.open(p).size == (64, 64) for p in crops)
+    assert len(comfy_server.output_files(result, "samples")) == 1
+    generated = comfy_server.run_prompt(tiny(load("api", "lora_split_strength_controlnet"), photo_folder, "wf/prior"))
+    generated.raise_for_status()
+    images = comfy_server.output_files(generated, "save")
+    assert len(images) == 1 and Image.open(images[0]).size == (96, 64), "size follows the layout image"
+
+
+def test_one_graph_trains_and_generates(comfy_server, photo_folder: str) -> None:
+    result = comfy_server.run_prompt(tiny(load("api", "dreambooth_train_then_generate"), photo_folder, "wf/both"))
+    result.raise_for_status()
+    assert set(result.outputs) >= {"crops", "curve", "samples", "save", "hint"}, "every branch ran"
+    assert (Path(comfy_server.models_dir) / "loras" / "wf" / "both.safetensors").is_file()
+    images = comfy_server.output_files(result, "save")
+    assert len(images) == 1 and Image.open(images[0]).size == (96, 64)
+    assert len(comfy_server.output_files(result, "hint")) == 1
