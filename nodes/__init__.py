@@ -4,12 +4,9 @@ server); everything heavy lives in ``trainer/`` and is reached through data only
 from __future__ import annotations
 
 import importlib
-import logging
 
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
-
-logger = logging.getLogger(__name__)
 
 # One module per concern; each exposes NODES: list[type[io.ComfyNode]].
 _NODE_MODULES = (
@@ -26,11 +23,6 @@ class DreamBoothExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         node_list: list[type[io.ComfyNode]] = []
         for name in _NODE_MODULES:
-            try:
-                module = importlib.import_module(f".{name}", __name__)
-            except ModuleNotFoundError as exc:
-                if exc.name == f"{__name__}.{name}":
-                    continue  # module not written yet in this checkout
-                raise
+            module = importlib.import_module(f".{name}", __name__)
             node_list.extend(module.NODES)
         return node_list

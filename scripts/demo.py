@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import logging
 import shutil
@@ -59,15 +58,6 @@ def adapt_workflow(prompt: dict[str, Any], *, checkpoint: str, controlnet: str, 
     return out
 
 
-def _support() -> Any:
-    support = REPO / "tests" / "support"
-    spec = importlib.util.spec_from_file_location("dreambooth_test_support", support / "__init__.py",
-                                                  submodule_search_locations=[str(support)])
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dreambooth_test_support"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,11 +74,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = _parser().parse_args(argv)
-    support = _support()
-    from dreambooth_test_support import comfyui, paths, tiny_models  # noqa: PLC0415
-
+    # Sibling scripts; imported here so the tests can load this file for adapt_workflow alone.
     sys.path.insert(0, str(REPO / "scripts"))
     from sample_subject import write_sample_subject  # noqa: PLC0415
+    from support_loader import load_test_support  # noqa: PLC0415
+
+    load_test_support()
+    from dreambooth_test_support import comfyui, paths, tiny_models  # noqa: PLC0415
 
     real = args.checkpoint is not None
     if real and args.controlnet is None:
@@ -145,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("validation sample:  %s", path)
     for path in images:
         logger.info("generated image:    %s", path)
-    del support
     return 0 if lora.is_file() and images else 1
 
 

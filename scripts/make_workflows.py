@@ -11,7 +11,6 @@ installed), so the files always match the current node schemas. Run after changi
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import sys
@@ -132,19 +131,12 @@ def complete(prompt: dict[str, Any], object_info: dict[str, Any]) -> dict[str, A
     return out
 
 
-def _load_support() -> Any:
-    support = REPO / "tests" / "support"
-    spec = importlib.util.spec_from_file_location("dreambooth_test_support", support / "__init__.py",
-                                                  submodule_search_locations=[str(support)])
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dreambooth_test_support"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def fetch_object_info() -> dict[str, Any]:
-    _load_support()
+    from support_loader import load_test_support  # noqa: PLC0415 - sibling script module
+
+    load_test_support()
     from dreambooth_test_support import comfyui, paths  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="workflows ") as base:

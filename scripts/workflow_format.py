@@ -12,6 +12,19 @@ from typing import Any
 # The value of the widget the frontend adds after a seed (and serialises into widgets_values).
 CONTROL_AFTER_GENERATE = "fixed"
 
+# Node heights as the frontend (1.32) lays nodes out, in graph units: it grows a node that is too
+# small for its widgets on load, so a file with one fixed size gets nodes drawn over each other.
+NODE_WIDTH = 320
+TITLE_HEIGHT = 30
+SLOT_HEIGHT = 20
+WIDGET_HEIGHT = 24
+MULTILINE_HEIGHT = 60
+IMAGE_UPLOAD_HEIGHT = 270  # the upload button and the preview of the chosen image
+OUTPUT_NODE_HEIGHT = 260  # room for the images an output node shows after a run
+COLUMN_GAP = 40
+# Widgets that extensions add in the browser, unknown to /object_info: the pack's live training panel.
+FRONTEND_WIDGET_HEIGHT = {"DreamBoothTrain": 230}
+
 
 def _ordered_inputs(info: dict[str, Any]) -> list[tuple[str, list[Any], bool]]:
     """(name, spec, optional) in the order the frontend builds widgets and sockets."""
@@ -39,6 +52,41 @@ def widget_values(spec: list[Any], value: Any) -> list[Any]:
     if options.get("image_upload"):
         values.append("image")
     return values
+
+
+def node_height(class_type: str, info: dict[str, Any]) -> int:
+    """The body height (without title) the frontend gives a node of this type, or a little more."""
+    sockets = 0
+    widgets = 0
+    for _name, spec, _optional in _ordered_inputs(info):
+        if not is_widget(spec):
+            sockets += 1
+            continue
+        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if options.get("multiline"):
+            widgets += MULTILINE_HEIGHT
+        elif options.get("image_upload"):
+            widgets += IMAGE_UPLOAD_HEIGHT
+        else:
+            widgets += WIDGET_HEIGHT * len(widget_values(spec, None))
+    height = 14 + SLOT_HEIGHT * max(sockets, len(info.get("output", [])), 1) + widgets
+    height += FRONTEND_WIDGET_HEIGHT.get(class_type, 0)
+    if not info.get("output"):
+        height = max(height, OUTPUT_NODE_HEIGHT)
+    return height
+
+
+def _stack_columns(nodes: list[dict[str, Any]]) -> None:
+    """Push nodes down within each column (same x) until no node overlaps the one above it."""
+    columns: dict[int, list[dict[str, Any]]] = {}
+    for node in nodes:
+        columns.setdefault(node["pos"][0], []).append(node)
+    for column in columns.values():
+        bottom = None
+        for node in sorted(column, key=lambda n: n["pos"][1]):
+            if bottom is not None:
+                node["pos"][1] = max(node["pos"][1], bottom + TITLE_HEIGHT + COLUMN_GAP)
+            bottom = node["pos"][1] + node["size"][1]
 
 
 def _is_link(value: Any, ids: dict[str, int]) -> bool:
@@ -79,11 +127,13 @@ def api_to_ui(prompt: dict[str, dict[str, Any]], object_info: dict[str, Any],
                 inputs.append(entry)
         pos = (positions or {}).get(node_id, (60 + 360 * (order % 4), 80 + 420 * (order // 4)))
         nodes.append({
-            "id": uid, "type": node["class_type"], "pos": list(pos), "size": [320, 260], "flags": {},
+            "id": uid, "type": node["class_type"], "pos": list(pos),
+            "size": [NODE_WIDTH, node_height(node["class_type"], info)], "flags": {},
             "order": order, "mode": 0, "inputs": inputs, "outputs": [],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
             **({"title": node["_meta"]["title"]} if node.get("_meta", {}).get("title") else {}),
         })
+    _stack_columns(nodes)
     for node in nodes:
         info = object_info[node["type"]]
         node["outputs"] = [
