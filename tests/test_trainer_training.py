@@ -151,6 +151,8 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tiny_checkpoint: Path, photo
     assert first.step == 2
     second, events = run_events(make_config(tiny_checkpoint, photos, out, max_train_steps=5, **common))
     assert any(e["type"] == "status" and "resumed from step_000002" in e["message"] for e in events)
+    state = json.loads((out / "checkpoints" / "step_000005" / "state.json").read_text(encoding="utf-8"))
+    assert state["data_position"] == {"epoch": 1, "offset": 2, "images_seen": 5}
     a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
     assert a.keys() == b.keys()
     for key in a:

@@ -61,7 +61,9 @@ def list_checkpoints(output_dir: Path) -> list[Checkpoint]:
 def save_checkpoint(output_dir: Path, *, step: int, signature: str, trainable: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
                     lora_tensors: dict[str, torch.Tensor], lora_metadata: dict[str, str],
-                    keep: int) -> Path:
+                    keep: int, data_position: dict[str, int]) -> Path:
+    """``data_position`` is informational (it follows from the step and the seed, which is what
+    makes resume exact); it is recorded so a person can see where in the data the run was."""
     from safetensors.torch import save_file
 
     root = checkpoint_root(output_dir)
@@ -73,7 +75,8 @@ def save_checkpoint(output_dir: Path, *, step: int, signature: str, trainable: d
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "torch_rng": torch.get_rng_state()},
                tmp / OPTIMIZER_FILE)
     save_file(lora_tensors, str(tmp / LORA_FILE), metadata=lora_metadata)
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, "signature": signature}), encoding="utf-8")
+    state = {"step": step, "signature": signature, "data_position": data_position}
+    (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

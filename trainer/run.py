@@ -283,10 +283,17 @@ class TrainingRun:
                 self.output_dir, step=self.step, signature=self.signature(), trainable=trainable,
                 optimizer_state=self.optimizer.state_dict(), scheduler_state=self.lr_scheduler.state_dict(),
                 lora_tensors=self._kohya(), lora_metadata=self._metadata(),
-                keep=self.config.checkpoints_total_limit)
+                keep=self.config.checkpoints_total_limit, data_position=self.data_position())
             self.events.emit("checkpoint", step=self.step, path=str(path), lora_path=str(path / checkpoint.LORA_FILE))
         self.accelerator.wait_for_everyone()
         return path
+
+    def data_position(self) -> dict[str, int]:
+        """Where the next micro-batch starts in the (epoch-shuffled) instance stream."""
+        cfg = self.config
+        consumed = self.step * cfg.gradient_accumulation_steps * self.world * cfg.train_batch_size
+        epoch, offset = data.stream_position(len(self.epoch_list), consumed)
+        return {"epoch": epoch, "offset": offset, "images_seen": consumed}
 
     def _metadata(self) -> dict[str, str]:
         return lora.lora_metadata(self.config, self.base, step=self.step, version=__version__)
