@@ -316,44 +316,136 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what:
     module.load_state_dict(fixed, strict=False, assign=True)
 
 
-def _load_single_file(path: Path) -> tuple[str, str, torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-
-    sd = read_state_dict(path)
-    shapes = sd.shapes() if isinstance(sd, LazySafetensors) else {k: tuple(v.shape) for k, v in sd.items()}
-    family = detect_family(shapes)
-    prediction = detect_prediction_type(sd, family)
-    unet_cfg = unet_config_from_ldm(sd, family)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_cfg)
-    _load_into(unet, sfu.convert_ldm_unet_checkpoint(sd, unet_cfg), what="UNet")
-    vae_cfg = vae_config_from_ldm(sd)
-    with torch.device("meta"):
-        vae = AutoencoderKL(**vae_cfg)
-    _load_into(vae, sfu.convert_ldm_vae_checkpoint(sd, vae_cfg), what="VAE")
-    text_encoder = _text_encoder_from_ldm(sd, family)
-    return family, prediction, unet, vae, text_encoder
+VAE_DECODER_PARTS = ("decoder", "post_quant_conv")
 
 
-def _load_diffusers_folder(path: Path) -> tuple[str, str, torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def drop_vae_decoder(vae: torch.nn.Module) -> None:
+    """Training only encodes; without validation samples or class images the decoder (~60% of the
+    VAE) would be dead weight in memory."""
+    for name in VAE_DECODER_PARTS:
+        if hasattr(vae, name):
+            delattr(vae, name)
 
-    missing = [sub for sub in ("unet", "vae", "text_encoder") if not (path / sub).is_dir()]
-    if missing:
-        raise ConfigError("pretrained_model", f"{path} is not a diffusers model folder (missing {', '.join(missing)}/).")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-    if unet.config.cross_attention_dim not in (768, 1024) or unet.config.addition_embed_type:
-        raise ConfigError("pretrained_model", f"unsupported UNet in {path}; supported: {SUPPORTED}.")
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
-    family = "sd1" if unet.config.cross_attention_dim == 768 else "sd2"
-    prediction = "epsilon"
-    sched = path / "scheduler" / "scheduler_config.json"
-    if sched.is_file():
-        prediction = json.loads(sched.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
-    return family, prediction, unet, vae, text_encoder
+
+class _SingleFileSource:
+    def __init__(self, path: Path) -> None:
+        self.sd = read_state_dict(path)
+        shapes = self.sd.shapes() if isinstance(self.sd, LazySafetensors) else {k: tuple(v.shape) for k, v in self.sd.items()}
+        self.family = detect_family(shapes)
+        self.prediction = detect_prediction_type(self.sd, self.family)
+
+    def unet(self) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+        from diffusers.loaders import single_file_utils as sfu
+
+        cfg = unet_config_from_ldm(self.sd, self.family)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**cfg)
+        _load_into(unet, sfu.convert_ldm_unet_checkpoint(self.sd, cfg), what="UNet")
+        return unet
+
+    def vae(self, decoder: bool) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+        from diffusers.loaders import single_file_utils as sfu
+
+        cfg = vae_config_from_ldm(self.sd)
+        with torch.device("meta"):
+            vae = AutoencoderKL(**cfg)
+        state = sfu.convert_ldm_vae_checkpoint(self.sd, cfg)
+        if not decoder:
+            drop_vae_decoder(vae)
+            state = {k: v for k, v in state.items() if not k.startswith(VAE_DECODER_PARTS)}
+        _load_into(vae, state, what="VAE")
+        return vae
+
+    def text_encoder(self) -> torch.nn.Module:
+        return _text_encoder_from_ldm(self.sd, self.family)
+
+
+class _DiffusersFolderSource:
+    def __init__(self, path: Path) -> None:
+        from diffusers import UNet2DConditionModel
+
+        missing = [sub for sub in ("unet", "vae", "text_encoder") if not (path / sub).is_dir()]
+        if missing:
+            raise ConfigError("pretrained_model", f"{path} is not a diffusers model folder (missing {', '.join(missing)}/).")
+        self.path = path
+        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", local_files_only=True)
+        if unet_config.get("cross_attention_dim") not in (768, 1024) or unet_config.get("addition_embed_type"):
+            raise ConfigError("pretrained_model", f"unsupported UNet in {path}; supported: {SUPPORTED}.")
+        self.family = "sd1" if unet_config["cross_attention_dim"] == 768 else "sd2"
+        self.prediction = "epsilon"
+        sched = path / "scheduler" / "scheduler_config.json"
+        if sched.is_file():
+            self.prediction = json.loads(sched.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
+
+    def unet(self) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", local_files_only=True)
+
+    def vae(self, decoder: bool) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", local_files_only=True)
+        if not decoder:
+            drop_vae_decoder(vae)
+        return vae
+
+    def text_encoder(self) -> torch.nn.Module:
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", local_files_only=True)
+
+
+class ModelSource:
+    """A base model opened for loading: each component is built when asked for, frozen, on the
+    CPU in fp32. Loading one at a time lets a caller free what it no longer needs (e.g. the text
+    encoder once prompt embeddings are cached) before the next one is in memory."""
+
+    def __init__(self, pretrained: str, *, prediction_type: str = "auto", cache_dir: Path | None = None) -> None:
+        force_offline()
+        path = Path(pretrained).expanduser()
+        if not path.exists():
+            raise ConfigError("pretrained_model", f"{path} does not exist. Supported: {SUPPORTED}.")
+        # Hashing a 2 GB checkpoint takes a second or two; hashlib releases the GIL, so it overlaps
+        # with loading instead of delaying the first step.
+        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
+        self.sha256_future = hasher.submit(file_sha256, path, cache_dir)
+        hasher.shutdown(wait=False)
+        self._impl: _SingleFileSource | _DiffusersFolderSource = (
+            _DiffusersFolderSource(path) if path.is_dir() else _SingleFileSource(path))
+        self.name = path.name
+        self.family = self._impl.family
+        self.prediction_type = self._impl.prediction if prediction_type == "auto" else prediction_type
+
+    @staticmethod
+    def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+        module.requires_grad_(False)
+        return module.eval()
+
+    def unet(self) -> torch.nn.Module:
+        return self._frozen(self._impl.unet())
+
+    def vae(self, *, decoder: bool = True) -> torch.nn.Module:
+        return self._frozen(self._impl.vae(decoder))
+
+    def text_encoder(self) -> torch.nn.Module:
+        return self._frozen(self._impl.text_encoder())
+
+    def tokenizer(self) -> Any:
+        return load_tokenizer(self.family)
+
+    def noise_scheduler(self) -> Any:
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler(**SCHEDULER_CONFIG, prediction_type=self.prediction_type)
+
+    def assemble(self, *, text_encoder: Any, unet: Any, vae: Any) -> BaseModel:
+        logger.info("loaded %s (%s, %s)", self.name, self.family, self.prediction_type)
+        return BaseModel(family=self.family, prediction_type=self.prediction_type, tokenizer=self.tokenizer(),
+                         text_encoder=text_encoder, unet=unet, vae=vae, noise_scheduler=self.noise_scheduler(),
+                         name=self.name, sha256_future=self.sha256_future)
 
 
 def load_tokenizer(family: str) -> Any:
@@ -397,35 +489,5 @@ def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
 
 def load_base_model(pretrained: str, *, prediction_type: str = "auto", cache_dir: Path | None = None) -> BaseModel:
     """Load tokenizer, text encoder, UNet, VAE and the training noise scheduler, on the CPU in fp32."""
-    from diffusers import DDPMScheduler
-
-    force_offline()
-    path = Path(pretrained).expanduser()
-    if not path.exists():
-        raise ConfigError("pretrained_model", f"{path} does not exist. Supported: {SUPPORTED}.")
-    # Hashing a 2 GB checkpoint takes a second or two; hashlib releases the GIL, so it overlaps
-    # with loading instead of delaying the first step.
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
-    sha256 = hasher.submit(file_sha256, path, cache_dir)
-    hasher.shutdown(wait=False)
-    if path.is_dir():
-        family, detected, unet, vae, text_encoder = _load_diffusers_folder(path)
-    else:
-        family, detected, unet, vae, text_encoder = _load_single_file(path)
-    prediction = detected if prediction_type == "auto" else prediction_type
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    scheduler = DDPMScheduler(**SCHEDULER_CONFIG, prediction_type=prediction)
-    logger.info("loaded %s (%s, %s)", path.name, family, prediction)
-    return BaseModel(
-        family=family,
-        prediction_type=prediction,
-        tokenizer=load_tokenizer(family),
-        text_encoder=text_encoder,
-        unet=unet,
-        vae=vae,
-        noise_scheduler=scheduler,
-        name=path.name,
-        sha256_future=sha256,
-    )
+    source = ModelSource(pretrained, prediction_type=prediction_type, cache_dir=cache_dir)
+    return source.assemble(text_encoder=source.text_encoder(), unet=source.unet(), vae=source.vae())

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import __version__, checkpoint, data, lora, sampling
 from .config import ConfigError, TrainConfig
-from .models import BaseModel, load_base_model
+from .models import BaseModel, ModelSource, drop_vae_decoder
 from .protocol import Commands, EventWriter
 from .runtime import Runtime, free_accelerator_memory, resolve_runtime
 
@@ -108,16 +108,38 @@ class TrainingRun:
                                        for r in self.instance_records]
 
     def load_model(self) -> None:
-        self.events.status(f"loading {Path(self.config.pretrained_model).name}")
-        self.base: BaseModel = load_base_model(self.config.pretrained_model,
-                                               prediction_type=self.config.prediction_type,
-                                               cache_dir=Path(self.config.cache_dir))
-        self.vae_scaling = float(self.base.vae.config.scaling_factor)
-        self.base.vae.to(self.device)
-        self.base.unet.to(self.device, dtype=self.runtime.weight_dtype)
-        self.base.text_encoder.to(self.device, dtype=self.runtime.weight_dtype)
+        """Build the components one at a time, so memory never holds more than the run needs.
+
+        The text encoder comes first: when it is frozen and nothing will sample, the prompt
+        embeddings are cached and it is freed before the UNet and VAE exist. The VAE decoder is
+        only built when validation samples or class images will be decoded.
+        """
+        cfg = self.config
+        self.events.status(f"loading {Path(cfg.pretrained_model).name}")
+        source = ModelSource(cfg.pretrained_model, prediction_type=cfg.prediction_type, cache_dir=Path(cfg.cache_dir))
+        self.tokenizer = source.tokenizer()
+        text_encoder: torch.nn.Module | None = source.text_encoder().to(self.device, dtype=self.runtime.weight_dtype)
+        self.token_ids = {p: self._tokenize([p])[0] for p in self._training_prompts()}
+        self.embedding_cache: dict[str, torch.Tensor] | None = None
+        if not cfg.train_text_encoder and not cfg.validation_prompts and not cfg.with_prior_preservation:
+            self._cache_embeddings(text_encoder)
+            text_encoder = None  # 123M parameters that training without samples never uses again
+            free_accelerator_memory()
+        unet = source.unet().to(self.device, dtype=self.runtime.weight_dtype)
+        needs_decoder = bool(cfg.validation_prompts) or cfg.with_prior_preservation
+        vae = source.vae(decoder=needs_decoder).to(self.device)
+        self.vae_scaling = float(vae.config.scaling_factor)
+        self.base: BaseModel = source.assemble(text_encoder=text_encoder, unet=unet, vae=vae)
         if self.runtime.use_xformers:
-            self.base.unet.enable_xformers_memory_efficient_attention()
+            unet.enable_xformers_memory_efficient_attention()
+
+    def _training_prompts(self) -> list[str]:
+        cfg = self.config
+        return sorted(set(self.captions) | ({cfg.class_prompt} if cfg.with_prior_preservation else set()))
+
+    @torch.no_grad()
+    def _cache_embeddings(self, text_encoder: torch.nn.Module) -> None:
+        self.embedding_cache = {p: text_encoder(ids[None].to(self.device))[0][0] for p, ids in self.token_ids.items()}
 
     def prepare_class_images(self) -> None:
         cfg = self.config
@@ -145,6 +167,9 @@ class TrainingRun:
             self.class_records += [data.ImageRecord(p, None, 1) for p in paths]
         self.class_prepared = data.prepare_images(self.class_records, cfg.resolution, crop="center",
                                                   background=cfg.background, seed=cfg.seed)
+        if not cfg.validation_prompts:
+            drop_vae_decoder(self.base.vae)  # the class images were its last use
+            free_accelerator_memory()
 
     @torch.no_grad()
     def _encode_images(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,13 +191,8 @@ class TrainingRun:
         self.instance_latents = cache(self.instance_prepared) if cfg.crop == "center" else None
         self.class_latents = cache(self.class_prepared) if cfg.with_prior_preservation else None
         self.vae_needed_throughout = cfg.crop == "random" or bool(cfg.validation_prompts) or not cfg.cache_latents
-        prompts = sorted(set(self.captions) | ({cfg.class_prompt} if cfg.with_prior_preservation else set()))
-        self.token_ids = {p: self._tokenize([p])[0] for p in prompts}
-        self.embedding_cache: dict[str, torch.Tensor] | None = None
-        if not cfg.train_text_encoder:
-            with torch.no_grad():
-                self.embedding_cache = {p: self.base.text_encoder(ids[None].to(self.device))[0][0]
-                                        for p, ids in self.token_ids.items()}
+        if not cfg.train_text_encoder and self.embedding_cache is None:
+            self._cache_embeddings(self.base.text_encoder)
             if not cfg.validation_prompts:
                 # Only the cached embeddings are needed from here on: 123M parameters freed.
                 self.base.text_encoder = None  # type: ignore[assignment]
@@ -186,7 +206,7 @@ class TrainingRun:
             free_accelerator_memory()
 
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.base.tokenizer(prompts, padding="max_length", max_length=self.base.tokenizer.model_max_length,
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                    truncation=True, return_tensors="pt").input_ids
 
     def setup_lora(self) -> None:
