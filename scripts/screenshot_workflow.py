@@ -45,18 +45,14 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 # Settings of a fresh user that would otherwise open a templates dialog over the graph.
-# Settings of a fresh user that would otherwise open a templates dialog over the graph or draw a
-# minimap over part of it. Frontend 1.32.9 writes MinFontSizeForLOD while it boots, before that
-# setting is defined, and throws a TypeError when the value changes; storing the value it writes
-# (8, for the classic node renderer) keeps that frontend error out of the console check.
-UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
-               "LiteGraph.Canvas.MinFontSizeForLOD": 8}
+# Settings of a fresh user that would otherwise open a templates dialog over the graph, or draw a
+# minimap and frame-rate figures over part of it.
+UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
 
 
-def _module(name: str, path: Path, package_dir: Path | None = None) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        name, path, submodule_search_locations=[str(package_dir)] if package_dir else None
-    )
+def _module(name: str, path: Path) -> ModuleType:
+    """A sibling script loaded from its path (scripts/ is not a package and stays off sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -142,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workflow not in names:
         parser.error(f"--workflow {args.workflow!r} is not one of {names}")
 
-    support = REPO / "tests" / "support"
-    _module("dreambooth_test_support", support / "__init__.py", support)
+    _module("dreambooth_scripts_support_loader", REPO / "scripts" / "support_loader.py").load_test_support()
     from dreambooth_test_support import comfyui, paths, tiny_models  # noqa: PLC0415
 
     root = comfyui.provision_comfyui()
@@ -188,9 +183,10 @@ const report = { problems: [], extension: {}, workflows: {}, panel: null, consol
 const FRONTEND_BOOT_ERROR = /^TypeError: Cannot read properties of undefined \(reading 'id'\)\n\s+at onChange \([^)]*\/assets\/index-[^)]*\)\n\s+at Proxy\.set [^]*\/assets\/GraphView-/;
 const problem = (what) => { report.problems.push(what); console.error("problem:", what); };
 let phase = "start-up";
+let context = null;
 
 (async () => {
-  const context = await chromium.launchPersistentContext(cfg.profile, {
+  context = await chromium.launchPersistentContext(cfg.profile, {
     executablePath: cfg.chromium, headless: true, args: cfg.args,
     viewport: { width: cfg.viewport[0], height: cfg.viewport[1] },
   });
@@ -256,9 +252,12 @@ let phase = "start-up";
     const app = window.comfyAPI.app.app;
     await app.extensionManager.command.execute("Workspace.ToggleFocusMode");
     await new Promise((r) => setTimeout(r, 300));
-    await new Promise((r) => setTimeout(r, 300));
-    fitGraph(app, 16);
-    // Keep node text drawn at the zoom that fits the whole graph (this session only, not saved).
+  });
+  await page.waitForTimeout(300);
+  await page.evaluate(fitGraph, 16);
+  await page.evaluate(() => {
+    // Keep node text drawn at the zoom that fits the whole graph (this page only, not saved).
+    const app = window.comfyAPI.app.app;
     app.canvas.min_font_size_for_lod = 0;
     app.canvas.setDirty(true, true);
   });
@@ -274,6 +273,7 @@ let phase = "start-up";
     if (!p.visible) problem(`panel is not visible on the canvas: ${JSON.stringify(p.rect)}`);
     if (!p.sparkline) problem("loss sparkline canvas is blank");
     if (!p.sampleLoaded) problem("latest sample image did not load");
+    if (p.clipped || p.squashed.length) problem(`panel content clipped: ${JSON.stringify(p.heights)} ${p.squashed}`);
   }
   phase = "screenshot";
   await page.screenshot({ path: cfg.out });
@@ -290,14 +290,18 @@ let phase = "start-up";
     await page.waitForTimeout(800);
     await page.screenshot({ path: cfg.detail, clip });
   }
-  await context.close();
 })().catch((err) => problem(`[${phase}] script failed: ${err.stack || err}`))
-  .finally(() => fs.writeFileSync(cfg.result, JSON.stringify(report, null, 1)));
+  .finally(async () => {
+    fs.writeFileSync(cfg.result, JSON.stringify(report, null, 1));
+    await context?.close().catch(() => {});
+  });
 
 // Scale and offset so the bounding box of all nodes (with titles) fills the canvas; the built-in
 // "fit view" leaves a wide margin.
-function fitGraph(app, pad) {
-  const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+function fitGraph(pad) {
+  const app = window.comfyAPI.app.app;
+  // The title bar, and above it the badge naming the node's pack.
+  const title = (window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30) + 22;
   const nodes = app.graph.nodes;
   const x0 = Math.min(...nodes.map((n) => n.pos[0])), y0 = Math.min(...nodes.map((n) => n.pos[1] - title));
   const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
@@ -383,6 +387,11 @@ async function readPanel(nodeId) {
     visible: rect.width > 40 && rect.height > 40 && !!hit && panel.root.contains(hit),
     sparkline: inked > 20, inked, sampleLoaded: !panel.image.hidden && panel.image.naturalWidth > 0,
     nodeSize: [...node.size], nodePos: [...node.pos],
+    clipped: panel.root.scrollHeight > panel.root.clientHeight + 1,
+    heights: { panel: panel.root.clientHeight, content: panel.root.scrollHeight,
+               parts: [...panel.root.children].map((c) => `${c.className}:${c.hidden ? "hidden" : c.offsetHeight}`) },
+    squashed: [panel.status, panel.step, panel.caption].filter((el) => el.textContent && el.offsetHeight < 10)
+      .map((el) => `${el.className} ${el.offsetHeight}px`),
   };
 }
 """

@@ -23,7 +23,7 @@ IMAGE_UPLOAD_HEIGHT = 270  # the upload button and the preview of the chosen ima
 OUTPUT_NODE_HEIGHT = 260  # room for the images an output node shows after a run
 COLUMN_GAP = 40
 # Widgets that extensions add in the browser, unknown to /object_info: the pack's live training panel.
-FRONTEND_WIDGET_HEIGHT = {"DreamBoothTrain": 230}
+FRONTEND_WIDGET_HEIGHT = {"DreamBoothTrain": 300}
 
 
 def _ordered_inputs(info: dict[str, Any]) -> list[tuple[str, list[Any], bool]]:
