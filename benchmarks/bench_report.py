@@ -1,0 +1,234 @@
+"""Summary, markdown tables, machine description and RESULTS.md update for ``bench_train.py``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench_train:begin -->", "<!-- bench_train:end -->"
+
+# The issue's goals and the reference figures recorded in FACTS on the same work.
+TARGET_SPEEDUP = 1.5
+TARGET_LAUNCH_S = 6.0
+REF_NATIVE_MS = 304.0
+REF_DIFFUSERS_TE_MS = 835.0
+REF_DIFFUSERS_RSS = 1.7e9
+QUIET_LOAD = 0.3  # cores used by other processes above which a run counts as disturbed
+
+PEERS = {
+    "ours-unet": "ours, UNet only",
+    "ours-te": "ours, UNet + text encoder",
+    "native": "ComfyUI TrainLoraNode",
+    "diffusers-unet": "diffusers loop, UNet only",
+    "diffusers-te": "diffusers loop, UNet + text encoder",
+}
+
+
+@dataclass
+class Sample:
+    """One run of one peer."""
+
+    peer: str
+    steps: int
+    repeat: int
+    wall_s: float
+    first_step_s: float
+    peak_rss: int
+    rss_method: str
+    step_times: list[float] = field(default_factory=list)  # arrival s of step events 1..N
+    reported_ms: float | None = None
+    other_load: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _num(x: Any) -> float | None:
+    return None if x is None or x != x else float(x)
+
+
+def summarize(samples: list[Sample], short: int, long: int) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for peer in PEERS:
+        mine = [s for s in samples if s.peer == peer]
+        if not mine:
+            continue
+        differenced, in_run = [], []
+        for r in sorted({s.repeat for s in mine}):
+            a = next((s for s in mine if s.repeat == r and s.steps == short), None)
+            b = next((s for s in mine if s.repeat == r and s.steps == long), None)
+            if a and b:
+                differenced.append(1000 * (b.wall_s - a.wall_s) / (long - short))
+            if b and len(b.step_times) >= long:
+                # Steps short+1..long of the long run: the same steps the difference counts, timed
+                # inside one process, so load-time noise cannot leak in.
+                in_run.append(1000 * (b.step_times[long - 1] - b.step_times[short - 1]) / (long - short))
+        loads = [s.other_load for s in mine if s.other_load is not None]
+        out[peer] = {
+            "ms_per_step": median(differenced), "ms_per_step_all": [round(x, 1) for x in differenced],
+            "in_run_ms": median(in_run), "in_run_all": [round(x, 1) for x in in_run],
+            "reported_ms": median([s.reported_ms for s in mine if s.steps == long and s.reported_ms is not None]),
+            "first_step_s": median([s.first_step_s for s in mine]),
+            "first_step_all": [round(s.first_step_s, 2) for s in mine],
+            "peak_rss": median([float(s.peak_rss) for s in mine]), "rss_method": mine[0].rss_method,
+            "rss_increase": median([float(s.extra["rss_increase"]) for s in mine if "rss_increase" in s.extra]),
+            "other_load": median(loads), "other_load_max": max(loads, default=float("nan")),
+            "phases": {name: median([s.phases[name] for s in mine if name in s.phases]) for name in mine[0].phases},
+        }
+    return out
+
+
+def gb(n: float | None) -> str:
+    return "n/a" if n is None or n != n else f"{n / 1e9:.2f} GB"
+
+
+def ms(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.0f} ms"
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("pass" if ok else "**FAIL**")
+
+
+def render(summary: dict[str, dict[str, Any]], short: int, long: int, repeats: int) -> str:
+    lines = [
+        f"- **differenced**: (wall of the {long}-step run - wall of the {short}-step run) / {long - short}, "
+        f"median of {repeats} interleaved repeat(s), each repeat in brackets. The targets use this figure.",
+        f"- **in-run**: steps {short + 1}-{long} of the {long}-step run, timed by this script from the "
+        "peer's step events (the same steps, without any load or save inside); **own**: the peer's own report.",
+        "- launch -> first step and peak RSS: median of all runs. **other load**: cores kept busy by "
+        f"processes outside the benchmark while it ran (median / max); above ~{QUIET_LOAD} the numbers are "
+        "disturbed.",
+        "",
+        "| peer | ms/step differenced | ms/step in-run | own ms/step | launch -> first step | peak RSS | other load |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for peer, s in summary.items():
+        rss = gb(s["peak_rss"])
+        if _num(s["rss_increase"]) is not None:
+            rss += f" (+{gb(s['rss_increase'])} during the prompt)"
+        each = ", ".join(f"{x:.0f}" for x in s["ms_per_step_all"])
+        lines.append(f"| {PEERS[peer]} | {ms(s['ms_per_step'])} ({each}) | {ms(s['in_run_ms'])} "
+                     f"| {ms(s['reported_ms'])} | {s['first_step_s']:.2f} s | {rss} "
+                     f"| {s['other_load']:.2f} / {s['other_load_max']:.2f} |")
+    lines += ["", "| target | measured | goal | result |", "|---|---|---|---|"]
+
+    def get(peer: str, key: str) -> float | None:
+        return _num(summary.get(peer, {}).get(key))
+
+    def speed_row(ours: str, peer: str, ref: float, label: str) -> None:
+        mine, theirs = get(ours, "ms_per_step"), get(peer, "ms_per_step")
+        if mine is None or mine <= 0:
+            if ours in summary:
+                lines.append(f"| {label} | differenced ms/step not usable ({ms(mine)}) | >= {TARGET_SPEEDUP}x | n/a |")
+            return
+        measured, ok = [], None
+        if theirs is not None and theirs > 0:
+            measured.append(f"{theirs / mine:.2f}x ({mine:.0f} vs {theirs:.0f} ms)")
+            ok = theirs / mine >= TARGET_SPEEDUP
+        mine_in, theirs_in = get(ours, "in_run_ms"), get(peer, "in_run_ms")
+        if mine_in and theirs_in:
+            measured.append(f"in-run {theirs_in / mine_in:.2f}x")
+        measured.append(f"{ref / mine:.2f}x vs the recorded {ref:.0f} ms")
+        if ok is None:
+            ok = ref / mine >= TARGET_SPEEDUP
+        lines.append(f"| {label} | {'; '.join(measured)} | >= {TARGET_SPEEDUP}x | {verdict(ok)} |")
+
+    speed_row("ours-unet", "native", REF_NATIVE_MS, "ours UNet-only vs native TrainLoraNode, per step")
+    speed_row("ours-te", "diffusers-te", REF_DIFFUSERS_TE_MS, "ours UNet+TE vs diffusers loop with TE, per step")
+    for ours, peer in (("ours-unet", "diffusers-unet"), ("ours-te", "diffusers-te")):
+        mine, theirs = get(ours, "peak_rss"), get(peer, "peak_rss")
+        if mine is None:
+            continue
+        measured = gb(mine) + (f" vs {gb(theirs)} for the {PEERS[peer]}" if theirs is not None else "")
+        ok = mine <= REF_DIFFUSERS_RSS and (theirs is None or mine <= theirs)
+        goal = f"<= {gb(REF_DIFFUSERS_RSS)} (recorded diffusers script)" + (" and <= that loop" if theirs else "")
+        lines.append(f"| {PEERS[ours]}: peak RSS | {measured} | {goal} | {verdict(ok)} |")
+    for ours in ("ours-unet", "ours-te"):
+        first = get(ours, "first_step_s")
+        if first is not None:
+            lines.append(f"| {PEERS[ours]}: launch -> first step | {first:.2f} s | <= {TARGET_LAUNCH_S:.0f} s "
+                         f"| {verdict(first <= TARGET_LAUNCH_S)} |")
+    lines += ["", "Launch phases (median seconds):", ""]
+    for peer, s in summary.items():
+        lines.append(f"- {PEERS[peer]}: " + ", ".join(f"{k} {v:.2f}" for k, v in s["phases"].items()))
+    return "\n".join(lines)
+
+
+def code_version() -> str:
+    """The commit and whether the trainer had uncommitted edits (read-only git calls)."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "trainer").rglob("*.py")):
+        digest.update(path.read_bytes())
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", "trainer"],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        head, dirty = "unknown", ""
+    state = "uncommitted trainer changes" if dirty else "trainer as committed"
+    return f"commit {head} ({state}; trainer/*.py sha256 {digest.hexdigest()[:12]})"
+
+
+def machine_info() -> dict[str, str]:
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+                flags = " ".join(f for f in line.split(":", 1)[1].split() if f in wanted)
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text(encoding="utf-8").split()[1])
+        mem = f"{kb / 2**20:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": cpu + (f" ({flags})" if flags else ""),
+        "cores": f"{os.cpu_count()} ({usable} usable); every process runs with OMP_NUM_THREADS=1",
+        "memory": mem, "os": platform.platform(), "python": platform.python_version(),
+        "packages": ", ".join(f"{d} {version(d)}" for d in ("torch", "diffusers", "transformers", "peft",
+                                                           "accelerate")),
+        "comfyui": "0.3.75 (native peer)",
+        "code": code_version(),
+    }
+
+
+def write_results(path: Path, body: str, info: dict[str, str], command: str, total_s: float) -> None:
+    """Replace the generated section of ``path`` (between the markers), keeping everything else."""
+    section = "\n".join([
+        BEGIN, "", f"Recorded {info['date']} with `{command}` (took {total_s / 60:.1f} min).", "",
+        *(f"- {k}: {v}" for k, v in info.items() if k != "date"), "", body, "", END])
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Training benchmark results\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text, encoding="utf-8")
