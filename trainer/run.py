@@ -41,10 +41,11 @@ class StopRequested(Exception):
 
 
 class LatentCache:
-    """VAE posteriors (mean, std) of images, each encoded the first time a batch needs it.
+    """VAE posteriors (mean, std) of images (and their mirrors, with random_flip).
 
-    Encoding lazily rather than all up front lets the first step start after one VAE pass; each
-    image (and its mirror, with random_flip) is still encoded only once when ``keep`` is set.
+    With ``keep``, ``fill()`` encodes everything once, in batches, so the VAE can be freed before
+    the first step and never shares memory with training; without it (``cache_latents`` off),
+    ``get()`` encodes on demand every time.
     """
 
     def __init__(self, pixels: list[torch.Tensor], encode: Any, *, keep: bool, flips: bool) -> None:
@@ -64,9 +65,12 @@ class LatentCache:
             self.entries[(index, flip)] = entry
         return entry
 
-    @property
-    def complete(self) -> bool:
-        return self.keep and len(self.entries) == self.expected
+    def fill(self) -> None:
+        for flip in (False, True) if self.expected > len(self.pixels) else (False,):
+            batch = [p.flip(-1) if flip else p for p in self.pixels]
+            mean, std = self._encode(batch)
+            for i in range(len(batch)):
+                self.entries[(i, flip)] = (mean[i], std[i])
 
 
 class TrainingRun:
@@ -190,20 +194,18 @@ class TrainingRun:
 
         self.instance_latents = cache(self.instance_prepared) if cfg.crop == "center" else None
         self.class_latents = cache(self.class_prepared) if cfg.with_prior_preservation else None
-        self.vae_needed_throughout = cfg.crop == "random" or bool(cfg.validation_prompts) or not cfg.cache_latents
+        for latents in (self.instance_latents, self.class_latents):
+            if latents is not None and latents.keep:
+                latents.fill()
+        if cfg.crop == "center" and cfg.cache_latents and not cfg.validation_prompts:
+            self.base.vae = None  # every latent is cached: give its memory back before training
+            free_accelerator_memory()
         if not cfg.train_text_encoder and self.embedding_cache is None:
             self._cache_embeddings(self.base.text_encoder)
             if not cfg.validation_prompts:
                 # Only the cached embeddings are needed from here on: 123M parameters freed.
                 self.base.text_encoder = None  # type: ignore[assignment]
                 free_accelerator_memory()
-
-    def _free_vae_when_cached(self) -> None:
-        if self.vae_needed_throughout or self.base.vae is None:
-            return
-        if all(c is None or c.complete for c in (self.instance_latents, self.class_latents)):
-            self.base.vae = None  # every latent is cached: give its memory back
-            free_accelerator_memory()
 
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -388,7 +390,6 @@ class TrainingRun:
             class_picks = data.sample_stream(len(self.class_records), cfg.seed + 1, start, bs)
             latents = torch.cat([latents, self._sample_latents(self.class_latents, class_picks, flips, gen)])
             prompts += [cfg.class_prompt] * bs
-        self._free_vae_when_cached()
         return latents * self.vae_scaling, prompts
 
     def _sample_latents(self, cache: LatentCache, picks: list[int], flips: list[bool],

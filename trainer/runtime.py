@@ -60,8 +60,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def free_accelerator_memory() -> None:
+    """Give freed model memory back: to the GPU's pool and, on glibc, to the OS (freed CPU tensors
+    otherwise stay in malloc's arenas and count against the machine until the process exits)."""
+    import ctypes
     import gc
+    import sys
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc (e.g. musl): nothing to trim
