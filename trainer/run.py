@@ -52,7 +52,7 @@ class LatentCache:
         self.pixels = pixels
         self._encode = encode
         self.keep = keep
-        self.expected = len(pixels) * (2 if flips else 1)
+        self.flips = flips
         self.entries: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +66,7 @@ class LatentCache:
         return entry
 
     def fill(self) -> None:
-        for flip in (False, True) if self.expected > len(self.pixels) else (False,):
+        for flip in (False, True) if self.flips else (False,):
             batch = [p.flip(-1) if flip else p for p in self.pixels]
             mean, std = self._encode(batch)
             for i in range(len(batch)):
