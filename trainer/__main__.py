@@ -1,7 +1,8 @@
 """``python -m trainer --config run.json``: the engine's command line.
 
 stdout carries only protocol events (JSON lines); logs go to stderr. The exit code says how the
-run ended (see ``protocol.EXIT_*``).
+run ended (see ``protocol.EXIT_*``). ``--config -`` starts a warm trainer that imports its libraries
+first and then waits for the config's path on stdin (see ``protocol``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 
 if __package__ in (None, ""):  # pragma: no cover - run as a file, not as a module
@@ -26,6 +28,7 @@ from .protocol import (
     Commands,
     EventWriter,
     claim_stdout_for_protocol,
+    read_config_command,
 )
 
 logger = logging.getLogger("trainer")
@@ -39,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="config keys:\n" + TrainConfig.help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="JSON file with the run's settings")
+    parser.add_argument("--config", required=True,
+                        help="JSON file with the run's settings, or '-' for a warm start: import the libraries, "
+                        "emit 'ready', then read {\"command\": \"config\", \"path\": FILE} from stdin")
     parser.add_argument("--stop-when-stdin-closes", action="store_true",
                         help="treat end of stdin as a stop command (for launchers: an orphaned trainer "
                         "whose parent died stops, saving a checkpoint, instead of training on unseen)")
@@ -64,6 +69,28 @@ def _error_kind(exc: BaseException) -> tuple[str, str, str]:
     return "internal", f"{exc.__class__.__name__}: {exc}", "see the trainer log (stderr) for the traceback"
 
 
+def _wait_for_config(events: EventWriter) -> str | None:
+    """Warm start: pay for the imports now, while nobody waits, then take the run's config path."""
+    started = time.monotonic()
+    try:
+        from . import run  # noqa: F401 - torch and accelerate
+        from .models import import_model_libraries
+
+        import_model_libraries()
+    except Exception:  # noqa: BLE001 - the run imports them again and reports the failure with its context
+        logger.warning("could not import the model libraries ahead of the run", exc_info=True)
+    import_s = time.monotonic() - started
+    logger.info("warm start: libraries imported in %.1f s; waiting for the run's config on stdin", import_s)
+    events.emit("ready", import_s=round(import_s, 3))
+    try:
+        path = read_config_command(sys.stdin)
+    except ValueError as exc:
+        raise ConfigError("--config", str(exc)) from exc
+    if path is None:
+        logger.info("stdin closed before a config arrived: nothing to train")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -72,8 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     events = EventWriter(claim_stdout_for_protocol(), enabled=is_main_process)
     events.emit("hello", engine=ENGINE_NAME, version=__version__, pid=os.getpid(),
                 package_dir=os.path.dirname(os.path.abspath(__file__)), protocol_commands=["stop", "sample", "save"])
+    config_path: str | None = args.config
     try:
-        config = TrainConfig.from_json_file(args.config)
+        if config_path == "-":
+            if os.environ.get("WORLD_SIZE", "1") != "1":
+                raise ConfigError("--config", "'-' (warm start) is for one process reading stdin; "
+                                  "under accelerate launch pass the config file")
+            config_path = _wait_for_config(events)
+            if config_path is None:
+                return EXIT_OK
+        config = TrainConfig.from_json_file(config_path)
     except ConfigError as exc:
         events.emit("error", kind="config", key=exc.key, message=str(exc), advice="")
         logger.error("%s", exc)

@@ -8,6 +8,7 @@ and lets the same code path load a real SD1.5 file and the tiny test checkpoints
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -448,7 +449,20 @@ class ModelSource:
                          name=self.name, sha256_future=self.sha256_future)
 
 
+def import_model_libraries() -> None:
+    """Import what loading a model imports (diffusers, transformers, peft: ~4 s on a CPU core) and
+    read the SD1 tokenizer. A warm trainer does this before its config arrives."""
+    import peft  # noqa: F401
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+    from diffusers.loaders import single_file_utils  # noqa: F401
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: F401
+
+    load_tokenizer("sd1")
+
+
+@functools.cache
 def load_tokenizer(family: str) -> Any:
+    """The CLIP tokenizer for ``family``; read once per process (its 49k BPE merges take a while)."""
     from transformers import CLIPTokenizer
 
     # SD2's OpenCLIP pads with "!" (token 0) where SD1's CLIP pads with the end token.

@@ -7,6 +7,10 @@ a user's patch can never corrupt the event stream.
 In: JSON-lines commands on stdin (``{"command": "stop" | "sample" | "save"}``), read by a daemon
 thread and exposed as flags the training loop polls between steps.
 
+A warm trainer (``--config -``) is started before its run is known: it says ``hello``, imports the
+model libraries (most of its start-up time), says ``ready``, and waits for one
+``{"command": "config", "path": "run.json"}`` line on stdin; from then on it is an ordinary run.
+
 Every event carries the protocol version ``v``, a ``type`` and a ``time`` (Unix seconds).
 """
 
@@ -24,8 +28,10 @@ from typing import IO, Any
 
 PROTOCOL_VERSION = 1
 
-EVENT_TYPES = frozenset({"hello", "status", "progress", "metrics", "sample", "checkpoint", "done", "error"})
+EVENT_TYPES = frozenset({"hello", "ready", "status", "progress", "metrics", "sample", "checkpoint", "done",
+                         "error"})
 COMMANDS = frozenset({"stop", "sample", "save"})
+CONFIG_COMMAND = "config"  # the first and only line a warm trainer waits for
 
 # Exit codes: the launcher tells outcomes apart without parsing anything.
 EXIT_OK = 0
@@ -86,6 +92,33 @@ def claim_stdout_for_protocol() -> IO[str]:
     os.dup2(2, 1)
     sys.stdout = os.fdopen(os.dup(2), "w", encoding="utf-8", buffering=1)
     return os.fdopen(protocol_fd, "w", encoding="utf-8", buffering=1)
+
+
+def config_command(path: str | os.PathLike[str]) -> str:
+    """The line that hands a warm trainer its run."""
+    return json.dumps({"command": CONFIG_COMMAND, "path": os.fspath(path)}) + "\n"
+
+
+def read_config_command(stream: IO[str]) -> str | None:
+    """Wait for a warm trainer's config line; the config path, or None when stdin closes first.
+
+    Raises ValueError naming what was wrong with a line that is not a config command.
+    """
+    while True:
+        line = stream.readline()
+        if not line:
+            return None
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"expected a JSON config command on stdin, got {line.strip()[:80]!r}") from exc
+        if not isinstance(message, dict) or message.get("command") != CONFIG_COMMAND \
+                or not isinstance(message.get("path"), str) or not message["path"]:
+            raise ValueError(f'expected {{"command": "{CONFIG_COMMAND}", "path": "run.json"}} on stdin, '
+                             f"got {line.strip()[:80]!r}")
+        return str(message["path"])
 
 
 @dataclass
