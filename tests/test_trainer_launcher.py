@@ -20,12 +20,13 @@ from comfyui_dreambooth_lora.trainer.launcher import (
     PACK_ROOT,
     TrainerLaunchError,
     TrainerProcess,
+    WarmTrainerPool,
     child_env,
     describe_exit,
     verify_hello,
 )
 from comfyui_dreambooth_lora.trainer.plots import render_loss_curve, smooth
-from comfyui_dreambooth_lora.trainer.protocol import EXIT_CONFIG, EXIT_DATA, EXIT_INTERNAL
+from comfyui_dreambooth_lora.trainer.protocol import EXIT_CONFIG, EXIT_DATA, EXIT_INTERNAL, EXIT_OK
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,104 @@ def test_an_impostor_trainer_package_is_recognised(tmp_path: Path) -> None:
         verify_hello(events[0], tmp_path)
     with pytest.raises(TrainerLaunchError, match="not 'hello'"):
         verify_hello({"type": "status"}, tmp_path)
+
+
+def wait_for_event(proc: TrainerProcess, kind: str, timeout: float = 120.0) -> list[dict]:
+    """Events up to and including the first of type ``kind``."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not events or events[-1]["type"] != kind:
+        assert time.monotonic() < deadline and not proc.stdout_closed, f"no {kind!r}; log:\n{proc.stderr_tail()}"
+        event = proc.next_event(0.2)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def test_a_warm_trainer_imports_first_then_takes_its_run_from_stdin(tmp_path: Path) -> None:
+    proc = TrainerProcess(None, log_path=None)
+    with proc:
+        assert proc.warm
+        hello, ready = wait_for_event(proc, "ready")
+        verify_hello(hello)
+        assert ready["import_s"] > 0.5, "torch, diffusers and transformers are imported before the run is known"
+        assert proc.poll() is None, "and then it waits"
+        config = tmp_path / "run.json"
+        config.write_text(json.dumps({"pretrained_model": "m.safetensors", "instance_data_dir": "photos", "instance_prompt": "a photo of sks dog", "output_dir": str(tmp_path / "out"),
+                                      "rank": 0}), encoding="utf-8")
+        assert proc.begin(config, log_path=tmp_path / "logs" / "trainer.log")
+        rest = events_until_exit(proc)
+        assert proc.wait() == EXIT_CONFIG
+    assert rest[-1]["type"] == "error" and rest[-1]["kind"] == "config" and rest[-1]["key"] == "rank", rest
+    log = (tmp_path / "logs" / "trainer.log").read_text(encoding="utf-8")
+    assert "warm trainer (started" in log
+    assert log.index("waiting for the run's config") < log.index("config 'rank'"), \
+        "the warm start's own log lines are kept, at the top of the run's log"
+
+
+def test_a_warm_trainer_without_a_run_exits_quietly_and_a_bad_line_is_a_config_error() -> None:
+    with TrainerProcess(None, log_path=None) as idle:
+        wait_for_event(idle, "ready")
+        idle.close_stdin()
+        assert [e["type"] for e in events_until_exit(idle)] == []
+        assert idle.wait() == EXIT_OK
+    with TrainerProcess(None, log_path=None) as confused:
+        wait_for_event(confused, "ready")
+        assert confused._write_stdin("stop\n")
+        error = events_until_exit(confused)[-1]
+        assert confused.wait() == EXIT_CONFIG
+    assert error["kind"] == "config" and error["key"] == "--config" and "'stop" in error["message"], error
+
+
+def fake_engine(root: Path) -> Path:
+    """A stand-in engine that says hello and waits on stdin like a warm trainer, without importing torch."""
+    package = root / "trainer"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "__main__.py").write_text(
+        "import json, os, sys\n"
+        "print(json.dumps({'type': 'hello', 'engine': 'x', 'package_dir': os.path.dirname(__file__)}), flush=True)\n"
+        "sys.stdin.read()\n",
+        encoding="utf-8",
+    )
+    return package / "__main__.py"
+
+
+def test_the_pool_keeps_one_warm_trainer_and_retires_idle_or_stale_ones(tmp_path: Path) -> None:
+    main = fake_engine(tmp_path)
+    pool = WarmTrainerPool(30, pack_root=tmp_path)
+    try:
+        first = pool.prewarm()
+        assert first is not None and first.warm and first.poll() is None
+        assert pool.prewarm() is first, "one spare at a time"
+        assert pool.take() is first and pool.take() is None, "taken means no longer the pool's"
+        first.close()
+
+        stale = pool.prewarm()
+        assert stale is not None and stale is not first
+        time.sleep(0.05)
+        os.utime(main, ns=(time.time_ns(), stale.source_stamp + 1_000_000))
+        assert pool.take() is None, "code edited after it started: it would run the old code"
+        assert stale.poll() is not None, "and it is ended, not leaked"
+
+        dead = pool.prewarm()
+        assert dead is not None
+        dead.kill()
+        replacement = pool.prewarm()
+        assert replacement is not None and replacement is not dead and replacement.poll() is None
+    finally:
+        pool.shutdown()
+    assert replacement.poll() is not None
+
+    short = WarmTrainerPool(0.5, pack_root=tmp_path)
+    idle = short.prewarm()
+    assert idle is not None
+    deadline = time.monotonic() + 10
+    while idle.poll() is None:
+        assert time.monotonic() < deadline, "an unused warm trainer ends after idle_s"
+        time.sleep(0.1)
+    assert short.take() is None
+    assert WarmTrainerPool(0, pack_root=tmp_path).prewarm() is None, "idle_s 0 turns warm starts off"
 
 
 def test_child_env_puts_the_pack_first_on_pythonpath(tmp_path: Path) -> None:

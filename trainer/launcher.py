@@ -7,7 +7,9 @@ ComfyUI-free: the node layer uses it, and so could a script or another UI. What 
   unrelated PyPI package that is also called ``trainer``;
 - stdout is read by a thread into a queue of events, stderr by another into a log file and a tail
   buffer, so neither pipe can fill up and stall the trainer;
-- how the process ended is told in words (error event, exit code, signal, stderr tail).
+- how the process ended is told in words (error event, exit code, signal, stderr tail);
+- a trainer can be started *warm*, before its run is known (``WarmTrainerPool``): it imports torch,
+  diffusers and transformers, most of its start-up time, while nobody is waiting for it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from . import ENGINE_NAME
-from .protocol import EXIT_CONFIG, EXIT_DATA, EXIT_INTERNAL, EXIT_OK, EXIT_OOM, EXIT_STOPPED
+from .protocol import EXIT_CONFIG, EXIT_DATA, EXIT_INTERNAL, EXIT_OK, EXIT_OOM, EXIT_STOPPED, config_command
 
 logger = logging.getLogger(__name__)
 
@@ -101,37 +103,78 @@ def describe_exit(returncode: int, error: dict[str, Any] | None, stderr_tail: st
     return f"the trainer {what} without reporting why. Last lines of the trainer log:\n{stderr_tail}".rstrip()
 
 
-class TrainerProcess:
-    """One running trainer. Use as a context manager: leaving the block kills a process still running."""
+def source_stamp(pack_root: Path = PACK_ROOT) -> int:
+    """Newest modification time of the engine's code: a warm trainer older than it runs stale code."""
+    return max((p.stat().st_mtime_ns for p in (pack_root / "trainer").rglob("*.py")), default=0)
 
-    def __init__(self, config_path: Path, *, log_path: Path, pack_root: Path = PACK_ROOT,
+
+class TrainerProcess:
+    """One running trainer. Use as a context manager: leaving the block kills a process still running.
+
+    With a ``config_path`` it is started on that run. Without one it starts warm (``--config -``) and
+    waits, libraries imported, until ``begin`` hands it a run; its start-up log lines are kept until
+    then and written at the top of that run's log.
+    """
+
+    def __init__(self, config_path: Path | None, *, log_path: Path | None, pack_root: Path = PACK_ROOT,
                  python: str | None = None, env: dict[str, str] | None = None) -> None:
-        self.config_path = Path(config_path)
-        self.log_path = Path(log_path)
+        if (config_path is None) != (log_path is None):
+            raise ValueError("a trainer gets its config and its log together (both, or neither for a warm start)")
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.log_path = Path(log_path) if log_path is not None else None
         self.pack_root = Path(pack_root)
         self.python = python or sys.executable
         self.env = env if env is not None else child_env(self.pack_root)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at: float | None = None  # time.time() at spawn
+        self.source_stamp = 0
         self._events: queue.Queue[Any] = queue.Queue()
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self._tail_lock = threading.Lock()
         self._log: IO[bytes] | None = None
+        self._log_lock = threading.Lock()
+        self._early_log: list[bytes] = []  # a warm trainer's stderr before it has a run folder
         self._threads: list[threading.Thread] = []
         self._eof = False
+        self.warm = config_path is None  # started before its run was known
 
     # --- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # closed in close(), after the reader threads end
-        # One log per run folder, appended: a resumed run's log keeps the story of the runs before it.
-        self._write_log(f"\n===== trainer started {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
-        cmd = [self.python, "-m", "trainer", "--config", str(self.config_path), "--stop-when-stdin-closes"]
+        if self.log_path is not None:
+            self._open_log(self.log_path)
+        config = "-" if self.config_path is None else str(self.config_path)
+        cmd = [self.python, "-m", "trainer", "--config", config, "--stop-when-stdin-closes"]
         logger.info("starting trainer: %s (cwd %s)", cmd, self.pack_root)
+        self.source_stamp = source_stamp(self.pack_root)
+        self.started_at = time.time()
         self.proc = subprocess.Popen(cmd, cwd=self.pack_root, env=self.env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         atexit.register(self.kill)  # the server exiting must not leave an orphan training on the GPU
         self._spawn(self._read_stdout, "trainer-events")
         self._spawn(self._read_stderr, "trainer-log")
+
+    def begin(self, config_path: Path, *, log_path: Path) -> bool:
+        """Hand a warm trainer its run. False when it can no longer take one (it exited)."""
+        if self.config_path is not None or self.proc is None:
+            raise RuntimeError("begin() is for a started warm trainer that has no run yet")
+        if self.proc.poll() is not None:
+            return False
+        self.config_path, self.log_path = Path(config_path), Path(log_path)
+        self._open_log(self.log_path)
+        return self._write_stdin(config_command(self.config_path))
+
+    def _open_log(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._log_lock:
+            self._log = open(path, "ab")  # closed in close(), after the reader threads end
+            # One log per run folder, appended: a resumed run's log keeps the story of the runs before it.
+            header = f"\n===== trainer started {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n"
+            if self.config_path is not None and self.started_at is not None:
+                header = (f"\n===== warm trainer (started {time.strftime('%H:%M:%S', time.localtime(self.started_at))}) "
+                          f"given this run {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
+            self._log.write(header.encode() + b"".join(self._early_log))
+            self._log.flush()
+            self._early_log.clear()
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -163,18 +206,16 @@ class TrainerProcess:
         self.kill()
         for thread in self._threads:
             thread.join(timeout=5)
-        if self.proc is not None and self.proc.stdin is not None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self.close_stdin()
+        with self._log_lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
         atexit.unregister(self.kill)
 
     def __enter__(self) -> TrainerProcess:
-        self.start()
+        if self.proc is None:  # a warm trainer is already running
+            self.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -184,14 +225,25 @@ class TrainerProcess:
     # --- protocol ----------------------------------------------------------------------------------
     def send(self, command: str) -> bool:
         """Send a command line; False when the trainer no longer listens."""
+        return self._write_stdin(json.dumps({"command": command}) + "\n")
+
+    def _write_stdin(self, line: str) -> bool:
         if self.proc is None or self.proc.stdin is None:
             return False
         try:
-            self.proc.stdin.write((json.dumps({"command": command}) + "\n").encode("utf-8"))
+            self.proc.stdin.write(line.encode("utf-8"))
             self.proc.stdin.flush()
             return True
         except (BrokenPipeError, OSError, ValueError):
             return False
+
+    def close_stdin(self) -> None:
+        """End of stdin: a warm trainer waiting for its run exits, a running one stops and saves."""
+        if self.proc is not None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
 
     def next_event(self, timeout: float) -> dict[str, Any] | None:
         """The next event, or None after ``timeout`` s or once stdout is closed (see ``finished``)."""
@@ -244,14 +296,17 @@ class TrainerProcess:
             self._events.put(_EOF)
 
     def _write_log(self, data: bytes) -> None:
-        log = self._log
-        if log is None:
-            return
-        try:
-            log.write(data)
-            log.flush()
-        except (OSError, ValueError):
-            pass
+        with self._log_lock:
+            log = self._log
+            if log is None:
+                if self.config_path is None and len(self._early_log) < _TAIL_LINES * 5:
+                    self._early_log.append(data)
+                return
+            try:
+                log.write(data)
+                log.flush()
+            except (OSError, ValueError):
+                pass
 
     def _read_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
@@ -261,3 +316,92 @@ class TrainerProcess:
                 self._note(raw.decode("utf-8", errors="replace").rstrip())
         except (OSError, ValueError):
             pass
+
+
+class WarmTrainerPool:
+    """Keeps at most one trainer started ahead of its run, so that run skips the imports.
+
+    Users iterate (train, look at the samples, change a setting, train again), and a trainer spends
+    most of its start-up importing torch, diffusers and transformers. A waiting trainer holds about
+    0.5 GB of RAM of its own (plus the shared torch libraries) and no GPU memory: nothing touches
+    CUDA before the config names the device. It is
+    ended after ``idle_s`` without a run, and never handed a run if the engine's code changed after
+    it started. ``idle_s <= 0`` turns warm starts off.
+    """
+
+    def __init__(self, idle_s: float, *, pack_root: Path = PACK_ROOT, python: str | None = None) -> None:
+        self.idle_s = idle_s
+        self.pack_root = Path(pack_root)
+        self.python = python
+        self._lock = threading.Lock()
+        self._spare: TrainerProcess | None = None
+        self._timer: threading.Timer | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.idle_s > 0
+
+    def prewarm(self) -> TrainerProcess | None:
+        """Make sure one trainer is warming or waiting, and restart its idle clock."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            spare = self._spare
+            if spare is None or not self._usable(spare):
+                if spare is not None:
+                    spare.close()
+                spare = TrainerProcess(None, log_path=None, pack_root=self.pack_root, python=self.python)
+                try:
+                    spare.start()
+                except OSError:
+                    logger.warning("could not start a warm trainer", exc_info=True)
+                    self._spare = None
+                    return None
+                logger.info("warm trainer started (pid %s)", spare.pid)
+                self._spare = spare
+            self._arm_timer(spare)
+            return spare
+
+    def take(self) -> TrainerProcess | None:
+        """The waiting trainer, now the caller's (hand it a run with ``begin``), or None."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+            self._disarm_timer()
+        if spare is None:
+            return None
+        if self._usable(spare):
+            return spare
+        logger.info("warm trainer (pid %s) not used: %s", spare.pid,
+                    "it exited" if spare.poll() is not None else "the engine's code changed since it started")
+        spare.close()
+        return None
+
+    def shutdown(self) -> None:
+        with self._lock:
+            spare, self._spare = self._spare, None
+            self._disarm_timer()
+        if spare is not None:
+            spare.close()
+
+    def _usable(self, spare: TrainerProcess) -> bool:
+        return spare.poll() is None and spare.source_stamp == source_stamp(self.pack_root)
+
+    def _arm_timer(self, spare: TrainerProcess) -> None:
+        self._disarm_timer()
+        self._timer = threading.Timer(self.idle_s, self._expire, args=(spare,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _disarm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self, spare: TrainerProcess) -> None:
+        with self._lock:
+            if self._spare is not spare:
+                return  # taken, or replaced, meanwhile
+            self._spare = None
+            self._timer = None
+        logger.info("warm trainer (pid %s) idle for %.0f s: ended", spare.pid, self.idle_s)
+        spare.close()
