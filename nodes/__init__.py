@@ -25,4 +25,6 @@ class DreamBoothExtension(ComfyExtension):
         for name in _NODE_MODULES:
             module = importlib.import_module(f".{name}", __name__)
             node_list.extend(module.NODES)
+        # ComfyUI 0.3.x does not call on_load; the node list is asked for once, at start-up.
+        importlib.import_module(".train", __name__).register_server_hooks()
         return node_list

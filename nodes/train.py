@@ -30,7 +30,7 @@ from ..trainer import lora as lora_format
 from ..trainer.config import ConfigError, TrainConfig
 from ..trainer.launcher import describe_exit
 from ..trainer.plots import render_loss_curve
-from .trainer_process import METRICS_FILE, MetricsLog, UiRelay, run_trainer
+from .trainer_process import METRICS_FILE, WARM_TRAINERS, MetricsLog, UiRelay, run_trainer
 from .types import Dataset, InstanceData, LoraFile, Prior, PriorPreservation, TrainedLora
 
 logger = logging.getLogger(__name__)
@@ -442,6 +442,32 @@ class DreamBoothTrain(io.ComfyNode):
         sample_paths = [Path(str(s["path"])) for s in sorted(outcome.samples, key=lambda s: int(s.get("index", 0)))
                         if latest is not None and int(s.get("step", 0)) == latest]
         return _result(rel_name, lora_path, run_dir, config, sample_paths)
+
+
+def prewarm_when_training_is_queued(json_data: Any) -> Any:
+    """POST /prompt hook: a queued prompt that trains starts a warm trainer at once, so its imports
+    overlap with the queue and the nodes upstream of the training node."""
+    prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+    if isinstance(prompt, dict) and any(isinstance(node, dict) and node.get("class_type") == DreamBoothTrain.__name__
+                                        for node in prompt.values()):
+        WARM_TRAINERS.prewarm()
+    return json_data
+
+
+_hooks_registered = False
+
+
+def register_server_hooks() -> None:
+    global _hooks_registered
+    if _hooks_registered or not WARM_TRAINERS.enabled:
+        return
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.add_on_prompt_handler(prewarm_when_training_is_queued)
+        _hooks_registered = True
+    except (ImportError, AttributeError):  # not inside a ComfyUI server (e.g. a script importing the nodes)
+        logger.debug("no PromptServer to hook into", exc_info=True)
 
 
 NODES: list[type[io.ComfyNode]] = [DreamBoothTrain]

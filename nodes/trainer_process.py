@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
-from ..trainer.launcher import TrainerLaunchError, TrainerProcess, verify_hello
+from ..trainer.launcher import TrainerLaunchError, TrainerProcess, WarmTrainerPool, verify_hello
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,22 @@ HELLO_TIMEOUT_S = 120.0  # Python start-up plus the engine's light imports; slow
 STOP_TIMEOUT_S = 60.0  # a stop saves a checkpoint first; a real model's set-up may still be running
 _PROGRESS_EVERY_S = 0.25  # UI progress relays per second, at most (fast GPUs do many steps a second)
 METRICS_FILE = "metrics.jsonl"
+WARM_IDLE_ENV = "DREAMBOOTH_WARM_TRAINER_IDLE_S"
+WARM_IDLE_DEFAULT_S = 600.0
+
+
+def _warm_idle_s() -> float:
+    raw = os.environ.get(WARM_IDLE_ENV, "")
+    try:
+        return float(raw) if raw.strip() else WARM_IDLE_DEFAULT_S
+    except ValueError:
+        logger.warning("%s=%r is not a number of seconds; using %.0f", WARM_IDLE_ENV, raw, WARM_IDLE_DEFAULT_S)
+        return WARM_IDLE_DEFAULT_S
+
+
+# One trainer kept started ahead of the next run (queued, or likely: users train again after looking at
+# the samples). 0 in the environment variable turns it off.
+WARM_TRAINERS = WarmTrainerPool(_warm_idle_s())
 
 
 class UiRelay:
@@ -234,6 +251,21 @@ def run_trainer(config_path: Path, *, run_dir: Path, node_id: str | None, total_
 
     Returns how it ended; the caller raises InterruptProcessingException when ``stop_requested``.
     """
-    with TrainerProcess(config_path, log_path=run_dir / "trainer.log") as proc:
-        relay.status(f"trainer started (pid {proc.pid}); log: {run_dir / 'trainer.log'}", pid=proc.pid)
-        return _Driver(proc, relay, metrics, total_steps, node_id).run()
+    log_path = run_dir / "trainer.log"
+    proc = WARM_TRAINERS.take()
+    if proc is not None and proc.begin(config_path, log_path=log_path):
+        assert proc.started_at is not None
+        how = f"warm trainer (pid {proc.pid}, started {time.time() - proc.started_at:.0f} s ago)"
+    else:
+        if proc is not None:
+            proc.close()
+        proc = TrainerProcess(config_path, log_path=log_path)
+        how = None
+    try:
+        with proc:
+            how = how or f"trainer started (pid {proc.pid})"
+            relay.status(f"{how}; log: {log_path}", pid=proc.pid, warm=proc.warm)
+            return _Driver(proc, relay, metrics, total_steps, node_id).run()
+    finally:
+        # The next run is likely soon (look at the samples, change a setting, train again).
+        WARM_TRAINERS.prewarm()

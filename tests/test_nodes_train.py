@@ -300,6 +300,56 @@ def test_interrupt_keeps_a_checkpoint_and_queueing_again_resumes(comfy_server: C
     assert steps and steps[0] > int(checkpoints[-1].name.split("_")[1]), steps
 
 
+def warm_trainers(server: ComfyServer) -> list[int]:
+    """Pids of the server's trainers that wait for a run (``python -m trainer --config -``)."""
+    return sorted(pid for pid, argv in server.child_processes().items()
+                  if argv[1:4] == ["-m", "trainer", "--config"] and argv[4:5] == ["-"])
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return value
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_the_next_run_gets_a_trainer_started_ahead_of_it(comfy_server: ComfyServer) -> None:
+    tag = uuid.uuid4().hex[:6]
+    folder = add_photos(comfy_server, f"warm {tag}", count=2)
+    comfy_server.run_prompt(train_prompt(folder, f"test_warm_a_{tag}", steps=1), timeout=300).raise_for_status()
+    # A finished run leaves one trainer importing its libraries and then waiting for the next run.
+    waiting = wait_for(lambda: warm_trainers(comfy_server), "a warm trainer after the run")
+    assert len(waiting) == 1, waiting
+    queued_at = time.time()
+    second = comfy_server.run_prompt(train_prompt(folder, f"test_warm_b_{tag}", steps=2), timeout=300)
+    second.raise_for_status()
+    events = train_events(second)
+    started = next(e for e in events if e["type"] == "status" and "pid" in e)
+    assert started["warm"] is True and started["pid"] == waiting[0], started
+    assert "warm trainer (pid" in started["message"]
+    hello = next(e for e in events if e["type"] == "hello")
+    ready = next(e for e in events if e["type"] == "ready")
+    assert hello["pid"] == waiting[0] and hello["time"] < queued_at, "it said hello before the prompt existed"
+    assert ready["import_s"] > 0.5
+    assert [e["step"] for e in events if e["type"] == "metrics"] == [1, 2]
+    assert (comfy_server.models_dir / "loras" / f"test_warm_b_{tag}.safetensors").is_file()
+    assert "warm trainer (started" in (comfy_server.output_dir / "dreambooth" / f"test_warm_b_{tag}" /
+                                       "trainer.log").read_text(encoding="utf-8")
+
+    # Queuing a prompt that trains starts one at once, even before the prompt is validated.
+    spare = wait_for(lambda: warm_trainers(comfy_server), "a warm trainer after the second run")[0]
+    os.kill(spare, signal.SIGKILL)
+    wait_for(lambda: spare not in comfy_server.child_processes(), "the killed trainer to be reaped", timeout=15)
+    rejected = train_prompt(folder, f"test_warm_c_{tag}", steps=1, ckpt_name="missing.safetensors")
+    del rejected["3"]  # the preview does not need the train node: the prompt would run partly
+    with pytest.raises(PromptRejected):
+        comfy_server.queue_prompt(rejected)
+    fresh = wait_for(lambda: warm_trainers(comfy_server), "a warm trainer started by the queued prompt")
+    assert spare not in fresh
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 def test_killed_trainer_is_a_node_error_and_the_server_keeps_working(comfy_server: ComfyServer) -> None:
     tag = uuid.uuid4().hex[:6]

@@ -122,6 +122,9 @@ function onEvent(panel, event) {
       drawLoss(panel);
       setStatus(panel, `trainer ${event.version ?? ""} running (pid ${event.pid})`);
       break;
+    case "ready":
+      setStatus(panel, `trainer ready (libraries imported in ${Number(event.import_s ?? 0).toFixed(1)} s)`);
+      break;
     case "status":
       setStatus(panel, event.message ?? "", event.level === "warning" ? "warning" : "info");
       break;

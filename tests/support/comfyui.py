@@ -268,6 +268,24 @@ class ComfyServer:
         log.info("ComfyUI ready at %s in %.1f s", self.url, self.startup_seconds)
         return self
 
+    def child_processes(self) -> dict[int, list[str]]:
+        """The server's live child processes (Linux /proc): pid -> argv."""
+        if self.proc is None:
+            return {}
+        children: dict[int, list[str]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+            if int(fields[1]) == self.proc.pid and fields[0] != "Z":
+                children[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
+        return children
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
