@@ -27,6 +27,8 @@ QUIET_LOAD = 0.3  # cores used by other processes above which a run counts as di
 PEERS = {
     "ours-unet": "ours, UNet only",
     "ours-te": "ours, UNet + text encoder",
+    "ours-unet-warm": "ours, UNet only, warm trainer",
+    "ours-te-warm": "ours, UNet + text encoder, warm trainer",
     "native": "ComfyUI TrainLoraNode",
     "diffusers-unet": "diffusers loop, UNet only",
     "diffusers-te": "diffusers loop, UNet + text encoder",
@@ -120,7 +122,8 @@ def render(summary: dict[str, dict[str, Any]], short: int, long: int, repeats: i
         if _num(s["rss_increase"]) is not None:
             rss += f" (+{gb(s['rss_increase'])} during the prompt)"
         each = ", ".join(f"{x:.0f}" for x in s["ms_per_step_all"])
-        lines.append(f"| {PEERS[peer]} | {ms(s['ms_per_step'])} ({each}) | {ms(s['in_run_ms'])} "
+        each = f" ({each})" if each else ""
+        lines.append(f"| {PEERS[peer]} | {ms(s['ms_per_step'])}{each} | {ms(s['in_run_ms'])} "
                      f"| {ms(s['reported_ms'])} | {s['first_step_s']:.2f} s | {rss} "
                      f"| {s['other_load']:.2f} / {s['other_load_max']:.2f} |")
     lines += ["", "| target | measured | goal | result |", "|---|---|---|---|"]
@@ -156,10 +159,11 @@ def render(summary: dict[str, dict[str, Any]], short: int, long: int, repeats: i
         ok = mine <= REF_DIFFUSERS_RSS and (theirs is None or mine <= theirs)
         goal = f"<= {gb(REF_DIFFUSERS_RSS)} (recorded diffusers script)" + (" and <= that loop" if theirs else "")
         lines.append(f"| {PEERS[ours]}: peak RSS | {measured} | {goal} | {verdict(ok)} |")
-    for ours in ("ours-unet", "ours-te"):
+    for ours in ("ours-unet", "ours-te", "ours-unet-warm", "ours-te-warm"):
         first = get(ours, "first_step_s")
         if first is not None:
-            lines.append(f"| {PEERS[ours]}: launch -> first step | {first:.2f} s | <= {TARGET_LAUNCH_S:.0f} s "
+            what = "config handed over -> first step" if ours.endswith("-warm") else "launch -> first step"
+            lines.append(f"| {PEERS[ours]}: {what} | {first:.2f} s | <= {TARGET_LAUNCH_S:.0f} s "
                          f"| {verdict(first <= TARGET_LAUNCH_S)} |")
     lines += ["", "Launch phases (median seconds):", ""]
     for peer, s in summary.items():

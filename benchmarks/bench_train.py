@@ -5,6 +5,9 @@ The work is the same for everyone: the tiny SD1.5 test checkpoint, the 5 DreamBe
 
 Peers, run interleaved (per repeat: every peer's short run, then every peer's long run):
 - ``ours-unet`` / ``ours-te``: ``python -m trainer --config run.json`` (UNet-only / UNet + text encoder).
+- ``ours-unet-warm`` / ``ours-te-warm``: the same run given to a warm trainer (``--config -``, started
+  ahead and waiting with its libraries imported, as the ComfyUI node gets one); launch -> first step is
+  timed from the moment the config is handed over. Short runs only: the steps are the same as above.
 - ``native``: ComfyUI's own TrainLoraNode in a real ComfyUI server, driven with POST /prompt
   (CheckpointLoaderSimple -> LoadImageDataSetFromFolder -> VAEEncode, CLIPTextEncode -> TrainLoraNode
   -> SaveLoRA). A fresh server per run, so every prompt loads the checkpoint.
@@ -70,7 +73,9 @@ PROMPT = "a photo of sks dog"
 RESOLUTION, RANK, ALPHA, BATCH, SEED, LEARNING_RATE = 64, 4, 4.0, 1, 0, 1e-4
 NATIVE_FOLDER = "bench_dog"  # input sub-folder LoadImageDataSetFromFolder reads
 NATIVE_CKPT = "tiny-sd15.safetensors"
-GROUPS = {"ours": ["ours-unet", "ours-te"], "native": ["native"], "diffusers": ["diffusers-unet", "diffusers-te"]}
+GROUPS = {"ours": ["ours-unet", "ours-te", "ours-unet-warm", "ours-te-warm"], "native": ["native"],
+          "diffusers": ["diffusers-unet", "diffusers-te"]}
+WARM_IDLE_S = 1.0  # how long a warm trainer waits, after saying ready, before the bench hands it the run
 
 
 # --------------------------------------------------------------------------- measuring processes
@@ -163,13 +168,17 @@ class ChildResult:
     other_load: float | None
 
 
-def run_child(cmd: list[str], env: dict[str, str], log_path: Path) -> ChildResult:
-    """Run a child that prints JSON lines; time it from launch to exit and read its peak RSS."""
+def run_child(cmd: list[str], env: dict[str, str], log_path: Path, *, handover: str | None = None) -> ChildResult:
+    """Run a child that prints JSON lines; time it from launch to exit and read its peak RSS.
+
+    With ``handover`` the child is a warm trainer: that line goes to its stdin WARM_IDLE_S after its
+    ready event, and times (wall and events) count from then; earlier events get negative times.
+    """
     meter = LoadMeter()
     t0 = time.perf_counter()
     with open(log_path, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.PIPE if handover else subprocess.DEVNULL)
         poller = None if hasattr(os, "wait4") else RssPoller(proc.pid)
         events: list[tuple[float, dict[str, Any]]] = []
         assert proc.stdout is not None
@@ -177,9 +186,18 @@ def run_child(cmd: list[str], env: dict[str, str], log_path: Path) -> ChildResul
             for raw in proc.stdout:
                 now = time.perf_counter() - t0
                 try:
-                    events.append((now, json.loads(raw)))
+                    event = json.loads(raw)
                 except json.JSONDecodeError:
                     continue
+                events.append((now, event))
+                if handover and event.get("type") == "ready":
+                    assert proc.stdin is not None
+                    time.sleep(WARM_IDLE_S)
+                    shift = time.perf_counter() - t0
+                    t0 += shift
+                    events = [(t - shift, e) for t, e in events]
+                    proc.stdin.write(handover.encode())
+                    proc.stdin.flush()
         except BaseException:
             proc.kill()  # interrupted: leave no training process behind
             proc.wait()
@@ -210,6 +228,7 @@ class Bench:
         _load_by_path(SUPPORT_PACKAGE, support / "__init__.py", package=True)
         self.paths = importlib.import_module(f"{SUPPORT_PACKAGE}.paths")
         self.comfyui = importlib.import_module(f"{SUPPORT_PACKAGE}.comfyui")
+        self.protocol = _load_by_path("dreambooth_bench_protocol", REPO / "trainer" / "protocol.py")
         tiny = importlib.import_module(f"{SUPPORT_PACKAGE}.tiny_models")
         self.work = work
         self.comfy_root = self.comfyui.provision_comfyui()
@@ -226,8 +245,8 @@ class Bench:
         path.mkdir(parents=True)
         return path
 
-    def ours(self, steps: int, train_te: bool, repeat: int) -> Sample:
-        peer = "ours-te" if train_te else "ours-unet"
+    def ours(self, steps: int, train_te: bool, repeat: int, warm: bool = False) -> Sample:
+        peer = ("ours-te" if train_te else "ours-unet") + ("-warm" if warm else "")
         run = self._fresh(peer)
         config = {
             "pretrained_model": str(self.ckpt), "instance_data_dir": str(PHOTOS), "instance_prompt": PROMPT,
@@ -240,13 +259,20 @@ class Bench:
         }
         cfg_path = run / "run.json"
         cfg_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
-        res = run_child([sys.executable, "-m", "trainer", "--config", str(cfg_path)], self.env, run / "trainer.log")
+        cmd = [sys.executable, "-m", "trainer", "--config", "-" if warm else str(cfg_path)]
+        res = run_child(cmd, self.env, run / "trainer.log",
+                        handover=self.protocol.config_command(cfg_path) if warm else None)
         steps_at = [t for t, e in res.events if e.get("type") == "progress" and e.get("phase") == "train"
                     and e.get("step", 0) >= 1]
         reported = [e["ms_per_step"] for _, e in res.events if e.get("type") == "metrics"]
+        phases = our_phases(res.events)
+        if warm:
+            ready_at = next(t for t, e in res.events if e.get("type") == "ready")
+            phases = {"(not counted: spawn -> ready, imports while waiting)": round(ready_at - res.events[0][0], 3),
+                      **phases}
         return Sample(peer, steps, repeat, res.wall_s, steps_at[0], res.peak_rss, res.rss_method,
                       step_times=steps_at, reported_ms=reported[-1] if reported else None,
-                      other_load=res.other_load, phases=our_phases(res.events))
+                      other_load=res.other_load, phases=phases)
 
     def diffusers(self, steps: int, train_te: bool, repeat: int) -> Sample:
         peer = "diffusers-te" if train_te else "diffusers-unet"
@@ -355,18 +381,24 @@ class Bench:
 
 
 def our_phases(events: list[tuple[float, dict[str, Any]]]) -> dict[str, float]:
-    """Launch phases of our trainer from its own events (arrival times at the launcher)."""
+    """Launch phases of our trainer from its own events (arrival times at the launcher).
+
+    A warm trainer's events before the handover (negative times) are its warm-up, not the launch.
+    """
     marks: list[tuple[str, float]] = []
+    warm = any(t < 0 for t, _ in events)
     for t, e in events:
         kind, msg, step = e.get("type"), str(e.get("message", "")), e.get("step")
+        if t < 0:
+            continue
         if kind == "hello":
             marks.append(("interpreter + protocol import", t))
         elif kind == "status" and msg.startswith("reading instance images"):
-            marks.append(("torch/accelerate import + config", t))
+            marks.append(("config" if warm else "torch/accelerate import + config", t))
         elif kind == "status" and msg.startswith("loading "):
             marks.append(("read photos", t))
         elif kind == "status" and msg.startswith("caching latents"):
-            marks.append(("model load (incl. diffusers/transformers model imports)", t))
+            marks.append(("model load" if warm else "model load (incl. diffusers/transformers model imports)", t))
         elif kind == "progress" and e.get("phase") == "train" and step == 0:
             marks.append(("caches + LoRA set-up", t))
         elif kind == "progress" and e.get("phase") == "train" and step == 1:
@@ -419,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.prepare_native()
     runners = {
         "ours-unet": lambda n, r: bench.ours(n, False, r), "ours-te": lambda n, r: bench.ours(n, True, r),
+        "ours-unet-warm": lambda n, r: bench.ours(n, False, r, warm=True),
+        "ours-te-warm": lambda n, r: bench.ours(n, True, r, warm=True),
         "native": lambda n, r: bench.native(n, r),
         "diffusers-unet": lambda n, r: bench.diffusers(n, False, r),
         "diffusers-te": lambda n, r: bench.diffusers(n, True, r),
@@ -431,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(repeats):
         for steps in (short, long):
             for peer in peers:
+                if peer.endswith("-warm") and steps != short:
+                    continue  # only its launch differs from the cold peer's
                 if args.wait_quiet > 0:
                     wait_for_quiet(args.wait_quiet)
                 sample = runners[peer](steps, r)
