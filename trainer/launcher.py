@@ -168,10 +168,11 @@ class TrainerProcess:
         with self._log_lock:
             self._log = open(path, "ab")  # closed in close(), after the reader threads end
             # One log per run folder, appended: a resumed run's log keeps the story of the runs before it.
-            header = f"\n===== trainer started {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n"
-            if self.config_path is not None and self.started_at is not None:
-                header = (f"\n===== warm trainer (started {time.strftime('%H:%M:%S', time.localtime(self.started_at))}) "
-                          f"given this run {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
+            now = time.strftime("%Y-%m-%d %H:%M:%S")
+            header = f"\n===== trainer started {now} =====\n"
+            if self.warm and self.started_at is not None:
+                started = time.strftime("%H:%M:%S", time.localtime(self.started_at))
+                header = f"\n===== warm trainer (started {started}) given this run {now} =====\n"
             self._log.write(header.encode() + b"".join(self._early_log))
             self._log.flush()
             self._early_log.clear()
@@ -198,7 +199,9 @@ class TrainerProcess:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            logger.warning("killing trainer process %s", self.proc.pid)
+            # Ending a warm trainer that never got a run is routine; killing one that trains is not.
+            log = logger.info if self.warm and self.config_path is None else logger.warning
+            log("killing trainer process %s", self.proc.pid)
             self.proc.kill()
             self.wait(30)
 
