@@ -17,11 +17,10 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from dreambooth_test_support.images import photo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORE_PATH = REPO_ROOT / "nodes" / "controlnet_aux_core.py"
-DOG_DIR = REPO_ROOT.parent / "shared" / "dreambench" / "dog"
 
 
 def _load_core() -> ModuleType:
@@ -36,21 +35,6 @@ def _load_core() -> ModuleType:
 
 
 core = _load_core()
-
-
-def photo(width: int, height: int) -> np.ndarray:
-    """A real photo (DreamBench dog, read in place) at width x height, or a synthetic scene."""
-    photos = sorted(DOG_DIR.glob("*.jpg")) if DOG_DIR.is_dir() else []
-    if photos:
-        with Image.open(photos[0]) as img:
-            return np.asarray(img.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)).copy()
-    # No dataset beside the checkout (e.g. a bare CI clone): shapes with hard and soft edges.
-    yy, xx = np.mgrid[0:height, 0:width]
-    out = np.stack([xx * 255 // max(1, width - 1), yy * 255 // max(1, height - 1),
-                    np.full_like(xx, 90)], axis=-1).astype(np.uint8)
-    out[(xx - width / 2) ** 2 + (yy - height / 2) ** 2 < (min(width, height) / 3) ** 2] = (240, 230, 20)
-    out[height // 5: height // 3, width // 8: width // 2] = (10, 10, 200)
-    return out
 
 
 def documented_canny(img: np.ndarray, detect_resolution: int, low: int = 100, high: int = 200) -> np.ndarray:

@@ -18,10 +18,11 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from dreambooth_test_support.paths import DREAMBENCH_DIR
 from PIL import Image, ImageFile
 
 DATA_PY = Path(__file__).resolve().parents[1] / "trainer" / "data.py"
-DREAMBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "dreambench"
+DREAMBENCH = DREAMBENCH_DIR
 
 
 def _load_data_module() -> ModuleType:

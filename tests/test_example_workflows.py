@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dreambooth_test_support.paths import DREAMBENCH_DIR
 from PIL import Image
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "example_workflows"
-DREAMBENCH = REPO.parent / "shared" / "dreambench"
+DREAMBENCH = DREAMBENCH_DIR
 NAMES = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
 
 

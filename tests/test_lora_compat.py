@@ -15,12 +15,13 @@ from comfyui_dreambooth_lora.trainer import protocol
 from comfyui_dreambooth_lora.trainer.config import TrainConfig
 from comfyui_dreambooth_lora.trainer.models import load_base_model
 from comfyui_dreambooth_lora.trainer.run import train
+from dreambooth_test_support.paths import DREAMBENCH_DIR
 from PIL import Image
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "support" / "comfy_lora_probe.py"
-DREAMBENCH = REPO.parent / "shared" / "dreambench"
+DREAMBENCH = DREAMBENCH_DIR
 
 
 @pytest.fixture(scope="module")

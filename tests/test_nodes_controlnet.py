@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 from dreambooth_test_support.comfyui import ComfyServer, PromptResult
+from dreambooth_test_support.images import photo
 from PIL import Image
 
 pytestmark = pytest.mark.comfy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DOG_DIR = REPO_ROOT.parent / "shared" / "dreambench" / "dog"
 CKPT = "tiny-sd15.safetensors"
 CONTROLNET = "tiny-controlnet.safetensors"
 NONE = "none (image is a hint)"
@@ -43,19 +43,6 @@ def _load_core() -> ModuleType:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
-
-
-def photo(width: int, height: int) -> np.ndarray:
-    """A DreamBench dog photo, read in place, at width x height (a synthetic scene without it)."""
-    photos = sorted(DOG_DIR.glob("*.jpg")) if DOG_DIR.is_dir() else []
-    if photos:
-        with Image.open(photos[0]) as img:
-            return np.asarray(img.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)).copy()
-    yy, xx = np.mgrid[0:height, 0:width]
-    out = np.stack([xx * 255 // max(1, width - 1), yy * 255 // max(1, height - 1),
-                    np.full_like(xx, 90)], axis=-1).astype(np.uint8)
-    out[(xx - width / 2) ** 2 + (yy - height / 2) ** 2 < (min(width, height) / 3) ** 2] = (240, 230, 20)
-    return out
 
 
 def put_input(server: ComfyServer, pixels: np.ndarray) -> str:

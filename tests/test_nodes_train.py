@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 import pytest
 from dreambooth_test_support.comfyui import ComfyServer, PromptRejected, PromptResult
+from dreambooth_test_support.paths import DREAMBENCH_DIR
 from PIL import Image
 from safetensors import safe_open
 
 pytestmark = pytest.mark.comfy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DOG_DIR = REPO_ROOT.parent / "shared" / "dreambench" / "dog"
+DOG_DIR = DREAMBENCH_DIR / "dog"
 CKPT = "tiny-sd15.safetensors"
 PACK = "comfyui_dreambooth_lora"
 NONE_FOLDER = "(none: use images or folder_path)"
@@ -450,6 +451,23 @@ def test_paths_outside_input_are_refused(comfy_server: ComfyServer, tmp_path: Pa
     escaped = comfy_server.run_prompt(train_prompt(folder, "../../escape", steps=2))
     assert "'..'" in node_error(escaped, "2")
     assert not list(comfy_server.base_dir.rglob("escape.safetensors"))
+
+
+def test_the_any_path_opt_in_reads_a_folder_outside_input(comfyui_root: Path,
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The server owner's opt-in (an environment variable, never a workflow setting) lifts the refusal."""
+    outside = tmp_path_factory.mktemp("photos elsewhere")
+    for src in sorted(DOG_DIR.glob("*.jpg"))[:2]:
+        with Image.open(src) as img:
+            img.convert("RGB").resize((96, 80), Image.Resampling.LANCZOS).save(outside / f"{src.stem}.png")
+    server = ComfyServer(comfyui_root, tmp_path_factory.mktemp("comfy any path"),
+                         env={"DREAMBOOTH_ALLOW_ANY_PATH": "1"})
+    server.install_pack(REPO_ROOT, PACK)
+    with server:
+        prompt = train_prompt(NONE_FOLDER, "unused", steps=1, folder_path=str(outside))
+        previews = {"1": prompt["1"], "3": prompt["3"]}  # the dataset and its crops preview only
+        result = server.run_prompt(previews, timeout=120).raise_for_status()
+        assert image_sizes(server, result, "3") == [(64, 64), (64, 64)], "both outside photos, center-cropped"
 
 
 # --------------------------------------------------------------------------------------------- schema, web

@@ -22,13 +22,13 @@ from comfyui_dreambooth_lora.trainer import protocol
 from comfyui_dreambooth_lora.trainer.config import TrainConfig
 from comfyui_dreambooth_lora.trainer.models import detect_prediction_type, load_base_model
 from comfyui_dreambooth_lora.trainer.run import RunResult, TrainingRun, derived_seed, train
-from dreambooth_test_support.paths import child_env
+from dreambooth_test_support.paths import DREAMBENCH_DIR, child_env
 from dreambooth_test_support.tiny_models import tiny_sd2_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
-DOG = REPO.parent / "shared" / "dreambench" / "dog"
+DOG = DREAMBENCH_DIR / "dog"
 PROBE = Path(__file__).resolve().parent / "support" / "comfy_lora_probe.py"
 OPEN_CLIP = "cond_stage_model.model."
 UNET = "model.diffusion_model."

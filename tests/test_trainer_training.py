@@ -20,11 +20,12 @@ import torch
 from comfyui_dreambooth_lora.trainer import protocol
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig
 from comfyui_dreambooth_lora.trainer.run import TrainingRun, train
+from dreambooth_test_support.paths import DREAMBENCH_DIR
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-DREAMBENCH = REPO.parent / "shared" / "dreambench"
+DREAMBENCH = DREAMBENCH_DIR
 
 
 @pytest.fixture(scope="module")

@@ -178,10 +178,12 @@ class ComfyServer:
     Use as a context manager (`with ComfyServer(root, base) as srv:`) or call start()/stop().
     """
 
-    def __init__(self, comfyui_root: Path, base_dir: Path, extra_args: tuple[str, ...] | list[str] = ()) -> None:
+    def __init__(self, comfyui_root: Path, base_dir: Path, extra_args: tuple[str, ...] | list[str] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.comfyui_root = Path(comfyui_root).resolve()
         self.base_dir = Path(base_dir).resolve()
         self.extra_args = list(extra_args)
+        self.extra_env = dict(env or {})  # on top of the offline, single-thread test environment
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.base_dir / "comfyui.log"
@@ -246,7 +248,7 @@ class ComfyServer:
         self._log_file = open(self.log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(
             cmd, cwd=self.comfyui_root, stdout=self._log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=child_env(),
+            stdin=subprocess.DEVNULL, env=child_env(self.extra_env),
         )
         atexit.register(self.stop)
         t0 = time.monotonic()
