@@ -59,16 +59,25 @@ def test_the_real_engine_says_hello_and_reports_a_bad_config(tmp_path: Path) -> 
     assert message.startswith("the trainer rejected its configuration: config '")
 
 
+def fake_engine(root: Path, main_source: str) -> Path:
+    """A package `trainer` under ``root`` whose ``__main__`` is ``main_source``: a stand-in engine."""
+    package = root / "trainer"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "__main__.py").write_text(main_source, encoding="utf-8")
+    return package / "__main__.py"
+
+
+# Says hello and waits on stdin like a warm trainer, without importing torch.
+WAITING_ENGINE = ("import json, os, sys\n"
+                  "print(json.dumps({'type': 'hello', 'engine': 'x', 'package_dir': os.path.dirname(__file__)}), flush=True)\n"
+                  "sys.stdin.read()\n")
+
+
 def test_an_impostor_trainer_package_is_recognised(tmp_path: Path) -> None:
-    fake = tmp_path / "trainer"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("", encoding="utf-8")
-    (fake / "__main__.py").write_text(
-        "import json, os\n"
-        "print('Trainer 3.0 - coqui TTS trainer')\n"
-        "print(json.dumps({'type': 'hello', 'engine': 'tts-trainer', 'package_dir': os.path.dirname(__file__)}))\n",
-        encoding="utf-8",
-    )
+    fake_engine(tmp_path, "import json, os\n"
+                "print('Trainer 3.0 - coqui TTS trainer')\n"
+                "print(json.dumps({'type': 'hello', 'engine': 'tts-trainer', 'package_dir': os.path.dirname(__file__)}))\n")
     env = child_env(tmp_path)
     with TrainerProcess(tmp_path / "run.json", log_path=tmp_path / "t.log", pack_root=tmp_path, env=env) as proc:
         events = events_until_exit(proc, timeout=30)
@@ -128,22 +137,8 @@ def test_a_warm_trainer_without_a_run_exits_quietly_and_a_bad_line_is_a_config_e
     assert error["kind"] == "config" and error["key"] == "--config" and "'stop" in error["message"], error
 
 
-def fake_engine(root: Path) -> Path:
-    """A stand-in engine that says hello and waits on stdin like a warm trainer, without importing torch."""
-    package = root / "trainer"
-    package.mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_text("", encoding="utf-8")
-    (package / "__main__.py").write_text(
-        "import json, os, sys\n"
-        "print(json.dumps({'type': 'hello', 'engine': 'x', 'package_dir': os.path.dirname(__file__)}), flush=True)\n"
-        "sys.stdin.read()\n",
-        encoding="utf-8",
-    )
-    return package / "__main__.py"
-
-
 def test_the_pool_keeps_one_warm_trainer_and_retires_idle_or_stale_ones(tmp_path: Path) -> None:
-    main = fake_engine(tmp_path)
+    main = fake_engine(tmp_path, WAITING_ENGINE)
     pool = WarmTrainerPool(30, pack_root=tmp_path)
     try:
         first = pool.prewarm()

@@ -209,8 +209,6 @@ def _reinit_nonzero(module: Any) -> None:
 
 
 def _build_sd15(out: Path) -> dict[str, Any]:
-    import comfy.diffusers_convert
-    import comfy.utils
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
@@ -223,6 +221,20 @@ def _build_sd15(out: Path) -> dict[str, Any]:
     torch.manual_seed(SEED + 2)
     text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
 
+    sd = _ldm_unet_and_vae(unet, vae)
+    for k, v in text.state_dict().items():
+        # transformers 5.x dropped the `text_model.` level; real SD1.5 files carry it.
+        if not k.startswith("text_model."):
+            k = "text_model." + k
+        sd["cond_stage_model.transformer." + k] = v
+    return _save(sd, out, save_file)
+
+
+def _ldm_unet_and_vae(unet: Any, vae: Any) -> dict[str, Any]:
+    """A diffusers UNet and VAE under the LDM key names of a single-file checkpoint (ComfyUI's maps)."""
+    import comfy.diffusers_convert
+    import comfy.utils
+
     sd: dict[str, Any] = {}
     key_map = comfy.utils.unet_to_diffusers(dict(_COMFY_UNET_CONFIG))
     unet_sd = unet.state_dict()
@@ -233,12 +245,7 @@ def _build_sd15(out: Path) -> dict[str, Any]:
         sd["model.diffusion_model." + key_map[k]] = v
     for k, v in comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict()).items():
         sd["first_stage_model." + k] = v
-    for k, v in text.state_dict().items():
-        # transformers 5.x dropped the `text_model.` level; real SD1.5 files carry it.
-        if not k.startswith("text_model."):
-            k = "text_model." + k
-        sd["cond_stage_model.transformer." + k] = v
-    return _save(sd, out, save_file)
+    return sd
 
 
 def _build_sd2(out: Path) -> dict[str, Any]:
@@ -261,16 +268,7 @@ def _build_sd2(out: Path) -> dict[str, Any]:
     # With projection: real SD2 files carry OpenCLIP's text_projection (unused for conditioning).
     text = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_OPEN_CLIP_TEXT_CONFIG))
 
-    sd: dict[str, Any] = {}
-    key_map = comfy.utils.unet_to_diffusers(dict(_COMFY_UNET_CONFIG))
-    unet_sd = unet.state_dict()
-    missing = sorted(set(unet_sd) - set(key_map))
-    if missing:
-        raise RuntimeError(f"UNet keys without an LDM name: {missing[:20]}")
-    for k, v in unet_sd.items():
-        sd["model.diffusion_model." + key_map[k]] = v
-    for k, v in comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict()).items():
-        sd["first_stage_model." + k] = v
+    sd = _ldm_unet_and_vae(unet, vae)
     # ComfyUI's own SD2 save path (SD20.process_clip_state_dict_for_saving): HF CLIP keys under
     # `transformer.` become OpenCLIP's resblocks / fused in_proj / transposed text_projection.
     text_sd = {"transformer." + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
