@@ -454,20 +454,34 @@ def prewarm_when_training_is_queued(json_data: Any) -> Any:
     return json_data
 
 
+def warm_trainer_state(spare: Any) -> dict[str, Any]:
+    return {"warm": spare is not None, "pid": getattr(spare, "pid", None), "idle_s": WARM_TRAINERS.idle_s}
+
+
 _hooks_registered = False
 
 
 def register_server_hooks() -> None:
+    """The POST /prompt hook above, and POST /dreambooth/prewarm: the web extension calls it when a
+    workflow with a training node is opened, so the trainer warms up while the user sets up the run."""
     global _hooks_registered
-    if _hooks_registered or not WARM_TRAINERS.enabled:
+    if _hooks_registered:
         return
     try:
+        from aiohttp import web
         from server import PromptServer
 
-        PromptServer.instance.add_on_prompt_handler(prewarm_when_training_is_queued)
-        _hooks_registered = True
+        server = PromptServer.instance
     except (ImportError, AttributeError):  # not inside a ComfyUI server (e.g. a script importing the nodes)
         logger.debug("no PromptServer to hook into", exc_info=True)
+        return
+
+    @server.routes.post("/dreambooth/prewarm")
+    async def prewarm(request: web.Request) -> web.Response:
+        return web.json_response(warm_trainer_state(WARM_TRAINERS.prewarm()))
+
+    server.add_on_prompt_handler(prewarm_when_training_is_queued)
+    _hooks_registered = True
 
 
 NODES: list[type[io.ComfyNode]] = [DreamBoothTrain]

@@ -351,6 +351,20 @@ def test_the_next_run_gets_a_trainer_started_ahead_of_it(comfy_server: ComfyServ
     assert spare not in fresh
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_the_web_extension_can_ask_for_a_warm_trainer(comfy_server: ComfyServer) -> None:
+    """What web/dreambooth.js calls when a workflow with a training node is opened."""
+    for pid in warm_trainers(comfy_server):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not warm_trainers(comfy_server), "no warm trainer", timeout=15)
+    body = comfy_server.post_json("/dreambooth/prewarm")
+    assert body["warm"] is True and body["idle_s"] > 0, body
+    assert warm_trainers(comfy_server) == [body["pid"]]
+    again = comfy_server.post_json("/dreambooth/prewarm")
+    assert again["pid"] == body["pid"], "one warm trainer, its idle clock restarted"
+    assert "/dreambooth/prewarm" in (REPO_ROOT / "web" / "dreambooth.js").read_text(encoding="utf-8")
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 def test_killed_trainer_is_a_node_error_and_the_server_keeps_working(comfy_server: ComfyServer) -> None:
     tag = uuid.uuid4().hex[:6]

@@ -166,10 +166,24 @@ function onEvent(panel, event) {
   }
 }
 
+// Opening a workflow that trains starts a trainer process on the server ahead of the run (it imports
+// torch and diffusers while the user picks photos and settings); the server ends it when unused.
+const PREWARM_EVERY_MS = 60_000;
+let lastPrewarm = 0;
+
+function prewarmTrainer() {
+  const now = Date.now();
+  if (now - lastPrewarm < PREWARM_EVERY_MS) return;
+  lastPrewarm = now;
+  api.fetchApi("/dreambooth/prewarm", { method: "POST" }).catch(() => {});
+}
+
 app.registerExtension({
   name: "dreambooth_lora.train_progress",
   nodeCreated(node) {
-    if (node.comfyClass === NODE_TYPE) ensurePanel(node);
+    if (node.comfyClass !== NODE_TYPE) return;
+    ensurePanel(node);
+    prewarmTrainer();
   },
   setup() {
     api.addEventListener(EVENT, ({ detail }) => {

@@ -345,6 +345,12 @@ class ComfyServer:
             raise ComfyUIError(f"GET {path} -> HTTP {status}: {str(payload)[:2000]}")
         return payload
 
+    def post_json(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        status, payload = self._request("POST", path, body or {})
+        if status != 200:
+            raise ComfyUIError(f"POST {path} -> HTTP {status}: {str(payload)[:2000]}")
+        return payload
+
     def object_info(self, node_class: str | None = None) -> dict[str, Any]:
         path = "/object_info" if node_class is None else f"/object_info/{urllib.parse.quote(node_class)}"
         return self.get_json(path)
