@@ -9,11 +9,13 @@ an error that says what happened.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import typing
 from pathlib import Path
 from typing import Any
@@ -450,7 +452,8 @@ def prewarm_when_training_is_queued(json_data: Any) -> Any:
     prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
     if isinstance(prompt, dict) and any(isinstance(node, dict) and node.get("class_type") == DreamBoothTrain.__name__
                                         for node in prompt.values()):
-        WARM_TRAINERS.prewarm()
+        # Off the server's event loop: spawning (or replacing a dead trainer) must not stall other requests.
+        threading.Thread(target=WARM_TRAINERS.prewarm, name="dreambooth-prewarm", daemon=True).start()
     return json_data
 
 
@@ -478,7 +481,8 @@ def register_server_hooks() -> None:
 
     @server.routes.post("/dreambooth/prewarm")
     async def prewarm(request: web.Request) -> web.Response:
-        return web.json_response(warm_trainer_state(WARM_TRAINERS.prewarm()))
+        spare = await asyncio.get_running_loop().run_in_executor(None, WARM_TRAINERS.prewarm)
+        return web.json_response(warm_trainer_state(spare))
 
     server.add_on_prompt_handler(prewarm_when_training_is_queued)
     _hooks_registered = True

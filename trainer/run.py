@@ -24,7 +24,7 @@ from . import __version__, checkpoint, data, lora, sampling
 from .config import ConfigError, TrainConfig
 from .models import BaseModel, ModelSource, drop_vae_decoder
 from .protocol import Commands, EventWriter
-from .runtime import Runtime, free_accelerator_memory, resolve_runtime
+from .runtime import Runtime, free_accelerator_memory, peak_memory_gb, resolve_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -508,7 +508,7 @@ class TrainingRun:
             events.emit("progress", phase="train", step=self.step, total=total)
             events.emit("metrics", step=self.step, **metrics, lr_unet=lrs[0],
                         lr_text_encoder=lrs[1] if len(lrs) > 1 else 0.0, ms_per_step=round(ms_per_step, 2),
-                        eta_s=round(ms_per_step * (total - self.step) / 1000, 1))
+                        eta_s=round(ms_per_step * (total - self.step) / 1000, 1), **peak_memory_gb(self.device))
             if self.step < total:
                 if save_now or (cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0):
                     self.save_checkpoint()

@@ -59,6 +59,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def peak_memory_gb(device: torch.device) -> dict[str, float]:
+    """This process's peak GPU memory so far (torch's allocator: tensors, and what it holds reserved),
+    for the metrics events; nothing off the GPU."""
+    if device.type != "cuda":
+        return {}
+    return {"vram_peak_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+            "vram_reserved_peak_gb": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
+
+
 def free_accelerator_memory() -> None:
     """Give freed model memory back: to the GPU's pool and, on glibc, to the OS (freed CPU tensors
     otherwise stay in malloc's arenas and count against the machine until the process exits)."""

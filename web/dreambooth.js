@@ -141,7 +141,8 @@ function onEvent(panel, event) {
         if (panel.losses.length > MAX_POINTS) panel.losses.splice(0, panel.losses.length - MAX_POINTS);
       }
       const eta = event.eta_s !== undefined ? ` · eta ${Math.round(event.eta_s)} s` : "";
-      panel.step.textContent = `step ${event.step} / ${panel.total || "?"} · loss ${Number.isFinite(loss) ? loss.toFixed(4) : event.loss}${eta}`;
+      const vram = event.vram_peak_gb !== undefined ? ` · VRAM ${Number(event.vram_peak_gb).toFixed(1)} GB` : "";
+      panel.step.textContent = `step ${event.step} / ${panel.total || "?"} · loss ${Number.isFinite(loss) ? loss.toFixed(4) : event.loss}${eta}${vram}`;
       drawLoss(panel);
       break;
     }
