@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
@@ -28,8 +28,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from bench_loader import load_by_path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -54,19 +55,6 @@ MODES = {  # id: (what it trains, train_text_encoder, gradient_checkpointing)
 }
 
 
-def _load(name: str, path: Path, package: bool = False) -> ModuleType:
-    """A module of this repository loaded from its file (the repo root stays off sys.path)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, path, submodule_search_locations=[str(path.parent)] if package else None)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def warmup_steps(steps: int) -> int:
     return min(WARMUP_STEPS, steps - 1)
 
@@ -80,7 +68,7 @@ def build_model(folder: Path, scale: str) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    _load("dreambooth_test_support", REPO / "tests" / "support" / "__init__.py", package=True)
+    load_by_path("dreambooth_test_support", REPO / "tests" / "support" / "__init__.py", package=True)
     tiny = importlib.import_module("dreambooth_test_support.tiny_models")
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -208,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown modes {unknown}" if unknown else "--steps must be at least 2")
     work = args.work_dir.resolve()
     model = build_model(work / f"sd15-random-{args.scale}", args.scale)
-    subject = _load("dreambooth_scripts_sample_subject", REPO / "scripts" / "sample_subject.py")
+    subject = load_by_path("dreambooth_scripts_sample_subject", REPO / "scripts" / "sample_subject.py")
     photos = work / "photos"
     subject.write_sample_subject(photos, count=5, size=max(args.resolution, 256))
     results = []

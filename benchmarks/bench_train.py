@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -39,29 +38,16 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from bench_loader import load_by_path
 from PIL import Image, ImageOps
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 
 
-def _load_by_path(name: str, path: Path, package: bool = False) -> ModuleType:
-    """Import a module or package from its file (neither the repo root nor this folder joins sys.path)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, path, submodule_search_locations=[str(path.parent)] if package else None)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load_by_path("dreambooth_bench_report", BENCH_DIR / "bench_report.py")
+report = load_by_path("dreambooth_bench_report", BENCH_DIR / "bench_report.py")
 Sample = report.Sample
 
 log = logging.getLogger("bench_train")
@@ -225,10 +211,10 @@ def run_child(cmd: list[str], env: dict[str, str], log_path: Path, *, handover: 
 class Bench:
     def __init__(self, work: Path) -> None:
         support = REPO / "tests" / "support"
-        _load_by_path(SUPPORT_PACKAGE, support / "__init__.py", package=True)
+        load_by_path(SUPPORT_PACKAGE, support / "__init__.py", package=True)
         self.paths = importlib.import_module(f"{SUPPORT_PACKAGE}.paths")
         self.comfyui = importlib.import_module(f"{SUPPORT_PACKAGE}.comfyui")
-        self.protocol = _load_by_path("dreambooth_bench_protocol", REPO / "trainer" / "protocol.py")
+        self.protocol = load_by_path("dreambooth_bench_protocol", REPO / "trainer" / "protocol.py")
         tiny = importlib.import_module(f"{SUPPORT_PACKAGE}.tiny_models")
         self.work = work
         self.comfy_root = self.comfyui.provision_comfyui()

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from bench_loader import load_by_path
 
 _SCRIPT_START = time.time()
 REPO = Path(__file__).resolve().parents[1]
@@ -43,17 +44,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 def import_trainer() -> ModuleType:
     """The pack's ``trainer/`` as a package under a private name (the repo root stays off sys.path)."""
-    if TRAINER_PACKAGE in sys.modules:
-        return sys.modules[TRAINER_PACKAGE]
-    folder = REPO / "trainer"
-    spec = importlib.util.spec_from_file_location(
-        TRAINER_PACKAGE, folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[TRAINER_PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_by_path(TRAINER_PACKAGE, REPO / "trainer" / "__init__.py", package=True)
 
 
 def emit(t0: float, type_: str, **payload: Any) -> None:
