@@ -133,7 +133,8 @@ class TrainerProcess:
         self._tail_lock = threading.Lock()
         self._log: IO[bytes] | None = None
         self._log_lock = threading.Lock()
-        self._early_log: list[bytes] = []  # a warm trainer's stderr before it has a run folder
+        self._early_log: list[bytes] | None = [] if config_path is None else None  # a warm trainer's
+        # stderr before it has a run folder; None once that log is open (or for a cold trainer)
         self._threads: list[threading.Thread] = []
         self._eof = False
         self.warm = config_path is None  # started before its run was known
@@ -173,9 +174,9 @@ class TrainerProcess:
             if self.warm and self.started_at is not None:
                 started = time.strftime("%H:%M:%S", time.localtime(self.started_at))
                 header = f"\n===== warm trainer (started {started}) given this run {now} =====\n"
-            self._log.write(header.encode() + b"".join(self._early_log))
+            self._log.write(header.encode() + b"".join(self._early_log or []))
             self._log.flush()
-            self._early_log.clear()
+            self._early_log = None
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -302,7 +303,7 @@ class TrainerProcess:
         with self._log_lock:
             log = self._log
             if log is None:
-                if self.config_path is None and len(self._early_log) < _TAIL_LINES * 5:
+                if self._early_log is not None and len(self._early_log) < _TAIL_LINES * 5:
                     self._early_log.append(data)
                 return
             try:
