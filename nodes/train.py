@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from ..trainer import lora as lora_format
 from ..trainer.config import ConfigError, TrainConfig
-from ..trainer.launcher import describe_exit
+from ..trainer.launcher import TrainerProcess, describe_exit
 from ..trainer.plots import render_loss_curve
 from .trainer_process import METRICS_FILE, WARM_TRAINERS, MetricsLog, UiRelay, run_trainer
 from .types import Dataset, InstanceData, LoraFile, Prior, PriorPreservation, TrainedLora
@@ -457,8 +457,8 @@ def prewarm_when_training_is_queued(json_data: Any) -> Any:
     return json_data
 
 
-def warm_trainer_state(spare: Any) -> dict[str, Any]:
-    return {"warm": spare is not None, "pid": getattr(spare, "pid", None), "idle_s": WARM_TRAINERS.idle_s}
+def warm_trainer_state(spare: TrainerProcess | None) -> dict[str, Any]:
+    return {"warm": spare is not None, "pid": spare.pid if spare else None, "idle_s": WARM_TRAINERS.idle_s}
 
 
 _hooks_registered = False
