@@ -61,7 +61,8 @@ def _module(name: str, path: Path) -> ModuleType:
 
 
 def fake_events(steps: int = 40, total: int = 500) -> list[dict[str, Any]]:
-    """Trainer protocol events as a short run would send them, with a noisy falling loss."""
+    """Trainer protocol events as a short run on a GPU would send them, with a noisy falling loss
+    (illustrative values, not a measurement: they only drive the panel)."""
     events: list[dict[str, Any]] = [
         {"type": "hello", "version": 1, "pid": 4242},
         {"type": "status", "message": "caching latents of 6 photos", "level": "info"},
@@ -72,7 +73,7 @@ def fake_events(steps: int = 40, total: int = 500) -> list[dict[str, Any]]:
         loss = 0.05 + 0.25 * 0.93 ** step + wobble * (0.3 + 0.7 * 0.95 ** step)
         events.append({"type": "progress", "phase": "train", "step": step * 5, "total": total})
         events.append({"type": "metrics", "step": step * 5, "total": total, "loss": round(loss, 5),
-                       "lr": 1e-4, "eta_s": (total - step * 5) * 0.31})
+                       "lr": 1e-4, "eta_s": (total - step * 5) * 0.31, "vram_peak_gb": 5.93})
     events.append({"type": "sample", "step": steps * 5, "path": "toy_00.png", "prompt": "a photo of fac dog on the beach",
                    "url": "/view?filename=toy_00.png&subfolder=my_subject&type=input"})
     events.append({"type": "status", "message": f"training: step {steps * 5} of {total}", "level": "info"})
@@ -274,7 +275,7 @@ let context = null;
     await page.waitForTimeout(1000);
     report.panel = { ...report.panel, ...(await page.evaluate(readPanel, cfg.train_node)) };
     const p = report.panel;
-    if (!/step \d+ \/ 500 · loss \d+\.\d{4}/.test(p.step ?? "")) problem(`panel step text is ${JSON.stringify(p.step)}`);
+    if (!/step \d+ \/ 500 · loss \d+\.\d{4}.* · VRAM 5\.9 GB$/.test(p.step ?? "")) problem(`panel step text is ${JSON.stringify(p.step)}`);
     if (!p.visible) problem(`panel is not visible on the canvas: ${JSON.stringify(p.rect)}`);
     if (!p.sparkline) problem("loss sparkline canvas is blank");
     if (!p.sampleLoaded) problem("latest sample image did not load");
