@@ -323,7 +323,6 @@ def test_the_next_run_gets_a_trainer_started_ahead_of_it(comfy_server: ComfyServ
     # A finished run leaves one trainer importing its libraries and then waiting for the next run.
     waiting = wait_for(lambda: warm_trainers(comfy_server), "a warm trainer after the run")
     assert len(waiting) == 1, waiting
-    queued_at = time.time()
     second = comfy_server.run_prompt(train_prompt(folder, f"test_warm_b_{tag}", steps=2), timeout=300)
     second.raise_for_status()
     events = train_events(second)
@@ -332,7 +331,7 @@ def test_the_next_run_gets_a_trainer_started_ahead_of_it(comfy_server: ComfyServ
     assert "warm trainer (pid" in started["message"]
     hello = next(e for e in events if e["type"] == "hello")
     ready = next(e for e in events if e["type"] == "ready")
-    assert hello["pid"] == waiting[0] and hello["time"] < queued_at, "it said hello before the prompt existed"
+    assert hello["pid"] == waiting[0], "the process that existed before the prompt was queued"
     assert ready["import_s"] > 0.5
     assert [e["step"] for e in events if e["type"] == "metrics"] == [1, 2]
     assert (comfy_server.models_dir / "loras" / f"test_warm_b_{tag}.safetensors").is_file()
@@ -354,9 +353,11 @@ def test_the_next_run_gets_a_trainer_started_ahead_of_it(comfy_server: ComfyServ
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_the_web_extension_can_ask_for_a_warm_trainer(comfy_server: ComfyServer) -> None:
     """What web/dreambooth.js calls when a workflow with a training node is opened."""
-    for pid in warm_trainers(comfy_server):
+    killed = set(warm_trainers(comfy_server))
+    for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not warm_trainers(comfy_server), "no warm trainer", timeout=15)
+    # Gone from the process table, not just on its way out (a dying process has an empty command line).
+    wait_for(lambda: not killed & set(comfy_server.child_processes()), "the killed trainers to exit", timeout=15)
     body = comfy_server.post_json("/dreambooth/prewarm")
     assert body["warm"] is True and body["idle_s"] > 0, body
     assert warm_trainers(comfy_server) == [body["pid"]]
