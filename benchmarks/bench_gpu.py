@@ -22,7 +22,6 @@ import importlib
 import importlib.metadata
 import json
 import logging
-import os
 import platform
 import subprocess
 import sys
@@ -101,8 +100,8 @@ def run_mode(name: str, model: Path, photos: Path, work: Path, args: argparse.Na
     }
     run.mkdir(parents=True, exist_ok=True)
     (run / "run.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONUNBUFFERED": "1"}
+    load_by_path("dreambooth_bench_engine", REPO / "trainer" / "__init__.py", package=True)
+    env = importlib.import_module("dreambooth_bench_engine.launcher").child_env(REPO)
     started = time.perf_counter()
     events: list[tuple[float, dict[str, Any]]] = []
     with open(run / "trainer.log", "wb") as err:

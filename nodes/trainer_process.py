@@ -253,17 +253,16 @@ def run_trainer(config_path: Path, *, run_dir: Path, node_id: str | None, total_
     """
     log_path = run_dir / "trainer.log"
     proc = WARM_TRAINERS.take()
-    if proc is not None and proc.begin(config_path, log_path=log_path):
-        assert proc.started_at is not None
-        how = f"warm trainer (pid {proc.pid}, started {time.time() - proc.started_at:.0f} s ago)"
-    else:
+    if proc is None or not proc.begin(config_path, log_path=log_path):
         if proc is not None:
             proc.close()
         proc = TrainerProcess(config_path, log_path=log_path)
-        how = None
     try:
         with proc:
-            how = how or f"trainer started (pid {proc.pid})"
+            if proc.warm and proc.started_at is not None:
+                how = f"warm trainer (pid {proc.pid}, started {time.time() - proc.started_at:.0f} s ago)"
+            else:
+                how = f"trainer started (pid {proc.pid})"
             relay.status(f"{how}; log: {log_path}", pid=proc.pid, warm=proc.warm)
             return _Driver(proc, relay, metrics, total_steps, node_id).run()
     finally:

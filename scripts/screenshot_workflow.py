@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             result = run_browser(config, Path(args.node_modules).resolve(), work)
             # Opening a workflow with a training node asks the server for a warm trainer (web/dreambooth.js).
-            warm = [pid for pid, argv in server.child_processes().items() if argv[-3:-1] == ["--config", "-"]]
+            warm = server.warm_trainers()
             result["warm_trainers"] = warm
             if train_node_id(target) is not None and not warm:
                 result.setdefault("problems", []).append("no warm trainer after opening a training workflow")

@@ -301,12 +301,6 @@ def test_interrupt_keeps_a_checkpoint_and_queueing_again_resumes(comfy_server: C
     assert steps and steps[0] > int(checkpoints[-1].name.split("_")[1]), steps
 
 
-def warm_trainers(server: ComfyServer) -> list[int]:
-    """Pids of the server's trainers that wait for a run (``python -m trainer --config -``)."""
-    return sorted(pid for pid, argv in server.child_processes().items()
-                  if argv[1:4] == ["-m", "trainer", "--config"] and argv[4:5] == ["-"])
-
-
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -321,7 +315,7 @@ def test_the_next_run_gets_a_trainer_started_ahead_of_it(comfy_server: ComfyServ
     folder = add_photos(comfy_server, f"warm {tag}", count=2)
     comfy_server.run_prompt(train_prompt(folder, f"test_warm_a_{tag}", steps=1), timeout=300).raise_for_status()
     # A finished run leaves one trainer importing its libraries and then waiting for the next run.
-    waiting = wait_for(lambda: warm_trainers(comfy_server), "a warm trainer after the run")
+    waiting = wait_for(lambda: comfy_server.warm_trainers(), "a warm trainer after the run")
     assert len(waiting) == 1, waiting
     second = comfy_server.run_prompt(train_prompt(folder, f"test_warm_b_{tag}", steps=2), timeout=300)
     second.raise_for_status()
@@ -339,28 +333,28 @@ def test_the_next_run_gets_a_trainer_started_ahead_of_it(comfy_server: ComfyServ
                                        "trainer.log").read_text(encoding="utf-8")
 
     # Queuing a prompt that trains starts one at once, even before the prompt is validated.
-    spare = wait_for(lambda: warm_trainers(comfy_server), "a warm trainer after the second run")[0]
+    spare = wait_for(lambda: comfy_server.warm_trainers(), "a warm trainer after the second run")[0]
     os.kill(spare, signal.SIGKILL)
     wait_for(lambda: spare not in comfy_server.child_processes(), "the killed trainer to be reaped", timeout=15)
     rejected = train_prompt(folder, f"test_warm_c_{tag}", steps=1, ckpt_name="missing.safetensors")
     del rejected["3"]  # the preview does not need the train node: the prompt would run partly
     with pytest.raises(PromptRejected):
         comfy_server.queue_prompt(rejected)
-    fresh = wait_for(lambda: warm_trainers(comfy_server), "a warm trainer started by the queued prompt")
+    fresh = wait_for(lambda: comfy_server.warm_trainers(), "a warm trainer started by the queued prompt")
     assert spare not in fresh
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_the_web_extension_can_ask_for_a_warm_trainer(comfy_server: ComfyServer) -> None:
     """What web/dreambooth.js calls when a workflow with a training node is opened."""
-    killed = set(warm_trainers(comfy_server))
+    killed = set(comfy_server.warm_trainers())
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
     # Gone from the process table, not just on its way out (a dying process has an empty command line).
     wait_for(lambda: not killed & set(comfy_server.child_processes()), "the killed trainers to exit", timeout=15)
     body = comfy_server.post_json("/dreambooth/prewarm")
     assert body["warm"] is True and body["idle_s"] > 0, body
-    assert warm_trainers(comfy_server) == [body["pid"]]
+    assert comfy_server.warm_trainers() == [body["pid"]]
     again = comfy_server.post_json("/dreambooth/prewarm")
     assert again["pid"] == body["pid"], "one warm trainer, its idle clock restarted"
     assert "/dreambooth/prewarm" in (REPO_ROOT / "web" / "dreambooth.js").read_text(encoding="utf-8")

@@ -288,6 +288,12 @@ class ComfyServer:
                 children[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
         return children
 
+    def warm_trainers(self) -> list[int]:
+        """Pids of the server's trainers started warm (``python -m trainer --config -``): waiting for a
+        run, or running the one they were handed."""
+        return sorted(pid for pid, argv in self.child_processes().items()
+                      if argv[1:4] == ["-m", "trainer", "--config"] and argv[4:5] == ["-"])
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
