@@ -6,39 +6,20 @@ image is synthesised into pytest's tmp_path.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from comfyui_dreambooth_lora.trainer import data
 from dreambooth_test_support.paths import DREAMBENCH_DIR
 from PIL import Image, ImageFile
 
-DATA_PY = Path(__file__).resolve().parents[1] / "trainer" / "data.py"
 DREAMBENCH = DREAMBENCH_DIR
-
-
-def _load_data_module() -> ModuleType:
-    name = "dreambooth_trainer_data"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, DATA_PY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve their module through sys.modules.
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-data = _load_data_module()
 
 
 @pytest.fixture(scope="module")

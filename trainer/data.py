@@ -1,6 +1,6 @@
 """Training images: find them, decode them safely, crop them, and order them reproducibly.
 
-ComfyUI-free and self-contained (Pillow, numpy, torch only). Every problem with the user's files is
+ComfyUI-free (Pillow, numpy, torch and the engine's own file helpers). Every problem with the user's files is
 raised as `DataError`, whose message names the file and says how to fix it, so the node can show it
 as is.
 
@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .fileio import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -476,8 +478,7 @@ def sample_stream(num_items: int, seed: int, start: int, count: int, shuffle: bo
 
 def _file_sha256(path: Path) -> str:
     try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return sha256_file(path)
     except OSError as exc:
         raise DataError(f"Image {path} cannot be read ({exc}); check that it still exists.", path) from exc
 
