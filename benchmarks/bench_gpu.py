@@ -101,11 +101,12 @@ def run_mode(name: str, model: Path, photos: Path, work: Path, args: argparse.Na
     run.mkdir(parents=True, exist_ok=True)
     (run / "run.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
     load_by_path("dreambooth_bench_engine", REPO / "trainer" / "__init__.py", package=True)
-    env = importlib.import_module("dreambooth_bench_engine.launcher").child_env(REPO)
+    launcher = importlib.import_module("dreambooth_bench_engine.launcher")
+    env = launcher.child_env()
     started = time.perf_counter()
     events: list[tuple[float, dict[str, Any]]] = []
     with open(run / "trainer.log", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", "--config", str(run / "run.json")], cwd=REPO,
+        proc = subprocess.Popen(launcher.trainer_command(str(run / "run.json"), pack_root=REPO), cwd=REPO,
                                 env=env, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
         assert proc.stdout is not None
         for raw in proc.stdout:

@@ -214,7 +214,9 @@ class Bench:
         load_by_path(SUPPORT_PACKAGE, support / "__init__.py", package=True)
         self.paths = importlib.import_module(f"{SUPPORT_PACKAGE}.paths")
         self.comfyui = importlib.import_module(f"{SUPPORT_PACKAGE}.comfyui")
-        self.protocol = load_by_path("dreambooth_bench_protocol", REPO / "trainer" / "protocol.py")
+        load_by_path("dreambooth_bench_engine", REPO / "trainer" / "__init__.py", package=True)
+        self.protocol = importlib.import_module("dreambooth_bench_engine.protocol")
+        self.launcher = importlib.import_module("dreambooth_bench_engine.launcher")
         tiny = importlib.import_module(f"{SUPPORT_PACKAGE}.tiny_models")
         self.work = work
         self.comfy_root = self.comfyui.provision_comfyui()
@@ -245,7 +247,7 @@ class Bench:
         }
         cfg_path = run / "run.json"
         cfg_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
-        cmd = [sys.executable, "-m", "trainer", "--config", "-" if warm else str(cfg_path)]
+        cmd = self.launcher.trainer_command("-" if warm else str(cfg_path), pack_root=REPO)
         res = run_child(cmd, self.env, run / "trainer.log",
                         handover=self.protocol.config_command(cfg_path) if warm else None)
         steps_at = [t for t, e in res.events if e.get("type") == "progress" and e.get("phase") == "train"

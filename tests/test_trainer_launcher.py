@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,10 +26,14 @@ from comfyui_dreambooth_lora.trainer.launcher import (
     WarmTrainerPool,
     child_env,
     describe_exit,
+    format_command,
+    interpreter_flags,
+    trainer_command,
     verify_hello,
 )
 from comfyui_dreambooth_lora.trainer.plots import render_loss_curve, smooth
 from comfyui_dreambooth_lora.trainer.protocol import EXIT_CONFIG, EXIT_DATA, EXIT_INTERNAL, EXIT_OK
+from dreambooth_test_support.portable_python import build_portable_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,8 +85,7 @@ def test_an_impostor_trainer_package_is_recognised(tmp_path: Path) -> None:
     fake_engine(tmp_path, "import json, os\n"
                 "print('Trainer 3.0 - coqui TTS trainer')\n"
                 "print(json.dumps({'type': 'hello', 'engine': 'tts-trainer', 'package_dir': os.path.dirname(__file__)}))\n")
-    env = child_env(tmp_path)
-    with TrainerProcess(tmp_path / "run.json", log_path=tmp_path / "t.log", pack_root=tmp_path, env=env) as proc:
+    with TrainerProcess(tmp_path / "run.json", log_path=tmp_path / "t.log", pack_root=tmp_path) as proc:
         events = events_until_exit(proc, timeout=30)
         assert proc.wait() == 0
         assert "[stdout] Trainer 3.0" in proc.stderr_tail(), "non-protocol stdout is kept for the error message"
@@ -174,10 +180,100 @@ def test_the_pool_keeps_one_warm_trainer_and_retires_idle_or_stale_ones(tmp_path
     assert WarmTrainerPool(0, pack_root=tmp_path).prewarm() is None, "idle_s 0 turns warm starts off"
 
 
-def test_child_env_puts_the_pack_first_on_pythonpath(tmp_path: Path) -> None:
-    env = child_env(tmp_path, {"PYTHONPATH": "/elsewhere", "PATH": "/bin"})
-    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/elsewhere"]
-    assert env["PYTHONUNBUFFERED"] == "1" and env["PATH"] == "/bin"
+def bad_config(tmp_path: Path) -> Path:
+    config = tmp_path / "run config.json"
+    config.write_text(json.dumps({"pretrained_model": "m.safetensors", "rank": 0}), encoding="utf-8")
+    return config
+
+
+def test_the_engine_is_found_without_the_environment_or_the_working_directory(tmp_path: Path) -> None:
+    """The Windows portable build's embedded Python: a ._pth file ignores PYTHONPATH and the cwd."""
+    python = build_portable_python(tmp_path / "python_embeded")
+    foreign = tmp_path / "site"
+    fake_engine(foreign, "print('the unrelated trainer package')\n")
+    env = child_env({**os.environ, "PYTHONPATH": str(foreign)})
+    with TrainerProcess(bad_config(tmp_path), log_path=tmp_path / "t.log", python=str(python), env=env) as proc:
+        events = events_until_exit(proc)
+        assert proc.wait() == EXIT_CONFIG, proc.stderr_tail()
+    verify_hello(events[0])
+    assert events[-1]["kind"] == "config"
+    log = (tmp_path / "t.log").read_text(encoding="utf-8")
+    assert "No module named" not in log
+
+
+def test_a_foreign_trainer_on_the_path_or_already_imported_does_not_shadow_the_engine(tmp_path: Path) -> None:
+    foreign = tmp_path / "site"
+    fake_engine(foreign, "print('the unrelated trainer package')\n")
+    # A sitecustomize that imports the foreign package before the bootstrap runs, as a .pth file could.
+    (foreign / "sitecustomize.py").write_text("import trainer\n", encoding="utf-8")
+    env = child_env({**os.environ, "PYTHONPATH": str(foreign)})
+    with TrainerProcess(bad_config(tmp_path), log_path=tmp_path / "t.log", env=env) as proc:
+        events = events_until_exit(proc)
+        assert proc.wait() == EXIT_CONFIG, proc.stderr_tail()
+    verify_hello(events[0])
+
+    # Where the pack holds no engine, the foreign package is what answers: refused by its hello.
+    empty_pack = tmp_path / "not a pack"
+    empty_pack.mkdir()
+    with TrainerProcess(tmp_path / "run.json", log_path=tmp_path / "t2.log", pack_root=empty_pack,
+                        env=child_env({**os.environ, "PYTHONPATH": str(foreign)})) as proc:
+        events = events_until_exit(proc, timeout=30)
+        proc.wait()
+    assert events == [] and "the unrelated trainer package" in proc.stderr_tail()
+
+
+def test_the_child_sees_the_packages_its_parent_sees() -> None:
+    portable = SimpleNamespace(isolated=1, ignore_environment=1, no_user_site=1)
+    assert interpreter_flags(portable) == ["-I", "-u", "-X", "utf8"]
+    comfy_portable = SimpleNamespace(isolated=0, ignore_environment=0, no_user_site=1)  # python -s main.py
+    assert interpreter_flags(comfy_portable) == ["-s", "-u", "-X", "utf8"]
+    assert interpreter_flags(SimpleNamespace(isolated=0, ignore_environment=1, no_user_site=0))[0] == "-E"
+    assert interpreter_flags(SimpleNamespace(isolated=0, ignore_environment=0, no_user_site=0)) == ["-u", "-X", "utf8"]
+    env = child_env({"PYTHONPATH": "/elsewhere", "PATH": "/bin"})
+    assert env["PYTHONPATH"] == "/elsewhere", "the engine is found by the command line, not PYTHONPATH"
+    assert env["PYTHONUNBUFFERED"] == "1" and env["PYTHONIOENCODING"] == "utf-8" and env["PATH"] == "/bin"
+
+
+def test_the_logged_command_can_be_pasted_into_a_shell(tmp_path: Path) -> None:
+    pack = tmp_path / "custom nodes" / "pack 'ü'"
+    shutil.copytree(REPO / "trainer", pack / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
+    config = bad_config(tmp_path)
+    line = format_command(trainer_command(str(config), pack_root=pack))
+    if os.name == "nt":
+        return
+    proc = subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, cwd="/", check=False,
+                          env=child_env())
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
+    hello = json.loads(proc.stdout.splitlines()[0])
+    verify_hello(hello, pack)
+
+
+# Stands in for a training engine: on end of stdin (the launcher's stop) it "saves" and exits, or it
+# ignores the stop altogether.
+SAVING_ENGINE = ("import json, os, sys, pathlib\n"
+                 "print(json.dumps({'type': 'hello', 'engine': 'x', 'package_dir': os.path.dirname(__file__)}), flush=True)\n"
+                 "sys.stdin.read()\n"
+                 "pathlib.Path(os.environ['SAVED_MARK']).write_text('checkpoint')\n")
+DEAF_ENGINE = ("import json, os, time\n"
+               "print(json.dumps({'type': 'hello', 'engine': 'x', 'package_dir': os.path.dirname(__file__)}), flush=True)\n"
+               "time.sleep(600)\n")
+
+
+def test_when_the_parent_exits_a_training_saves_before_it_ends(tmp_path: Path) -> None:
+    saving, deaf = tmp_path / "saving", tmp_path / "deaf"
+    fake_engine(saving, SAVING_ENGINE)
+    fake_engine(deaf, DEAF_ENGINE)
+    mark = tmp_path / "saved"
+    env = child_env({**os.environ, "SAVED_MARK": str(mark)})
+    with TrainerProcess(tmp_path / "run.json", log_path=tmp_path / "a.log", pack_root=saving, env=env) as proc:
+        wait_for_event(proc, "hello", timeout=30)
+        proc.stop_at_exit(grace_s=20)
+        assert proc.poll() == 0 and mark.read_text() == "checkpoint", "stopped through stdin, not killed"
+    with TrainerProcess(tmp_path / "run.json", log_path=tmp_path / "b.log", pack_root=deaf, env=env) as proc:
+        wait_for_event(proc, "hello", timeout=30)
+        started = time.monotonic()
+        proc.stop_at_exit(grace_s=1)
+        assert proc.poll() is not None and time.monotonic() - started < 30, "killed after the grace period"
 
 
 def test_exit_messages_say_what_happened() -> None:

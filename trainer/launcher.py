@@ -2,9 +2,11 @@
 
 ComfyUI-free: the node layer uses it, and so could a script or another UI. What it guarantees:
 
-- the child is ``[python, "-m", "trainer", "--config", run.json]`` (an argument list, no shell) with
-  the pack root first on ``PYTHONPATH``, and its hello event proves it is this pack's engine, not the
-  unrelated PyPI package that is also called ``trainer``;
+- the child finds the engine by an explicit path, never through the environment or the working
+  directory (see ``trainer_command``): it starts the same way under a normal install, a venv, ``-s`` /
+  ``-I`` and the Windows portable build's embedded Python, whose ``._pth`` file ignores ``PYTHONPATH``
+  and puts neither the working directory nor a script's folder on ``sys.path``. Its hello event
+  proves it is this pack's engine, not the unrelated PyPI package that is also called ``trainer``;
 - stdout is read by a thread into a queue of events, stderr by another into a log file and a tail
   buffer, so neither pipe can fill up and stall the trainer;
 - how the process ended is told in words (error event, exit code, signal, stderr tail);
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import sys
@@ -36,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 _TAIL_LINES = 200
+EXIT_GRACE_S = 30.0  # how long a parent that exits waits for its trainer's last checkpoint
 _EOF = object()
 
 _EXIT_WORDS = {
@@ -52,11 +56,68 @@ class TrainerLaunchError(RuntimeError):
     """The child process is not this pack's trainer, or it never said hello."""
 
 
-def child_env(pack_root: Path = PACK_ROOT, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for the trainer: the caller's, with the pack root first on PYTHONPATH."""
+# Run by the child's ``-c``: put the pack root first on sys.path, forget any module called ``trainer``
+# that a .pth file or sitecustomize imported already (the unrelated PyPI package), then run the
+# engine as ``python -m trainer`` would. The root is written as an ASCII JSON string, a valid
+# Python literal for any path; double quotes only, so the logged command stays readable when quoted
+# for a POSIX shell. sys.path (unlike a path-based import spec) is also what multiprocessing's spawn
+# start method hands to worker processes, so they find the engine the same way.
+_BOOTSTRAP = ('import runpy, sys; sys.path.insert(0, {root}); '
+              '[sys.modules.pop(m) for m in list(sys.modules) if m == "trainer" or m.startswith("trainer.")]; '
+              'runpy.run_module("trainer", run_name="__main__", alter_sys=True)')
+
+
+def interpreter_flags(flags: Any = None) -> list[str]:
+    """Start-up flags for a child Python that should see the packages this one sees.
+
+    ComfyUI's portable build runs ``python -s main.py``: a child started without ``-s`` would add the
+    user's site-packages (and maybe another torch). ``-I``/``-E`` are kept for the same reason. The
+    child's output must be unbuffered and UTF-8 whatever the environment says, and ``-E``/``-I`` (and
+    an embedded Python's ``._pth`` file) make it ignore ``PYTHONUNBUFFERED``/``PYTHONIOENCODING``, so
+    those become ``-u`` and ``-X utf8``.
+    """
+    flags = sys.flags if flags is None else flags
+    out: list[str] = []
+    if getattr(flags, "isolated", 0):
+        out.append("-I")  # implies -E, -s and -P
+    else:
+        if getattr(flags, "ignore_environment", 0):
+            out.append("-E")
+        if getattr(flags, "no_user_site", 0):
+            out.append("-s")
+    return [*out, "-u", "-X", "utf8"]
+
+
+def trainer_command(config: str, *, pack_root: Path = PACK_ROOT, python: str | None = None,
+                    extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The argument list that runs ``python -m trainer --config CONFIG`` with the engine in ``pack_root``.
+
+    It needs nothing from the environment or the working directory: ``-m trainer`` would find the
+    engine only through ``PYTHONPATH`` or the cwd, which an embedded Python with a ``._pth`` file (the
+    Windows portable build) and ``-I`` both ignore.
+    """
+    interpreter = python or sys.executable
+    if not interpreter:
+        raise TrainerLaunchError("this Python does not know its own executable (sys.executable is empty), "
+                                 "so the trainer cannot be started as a separate process")
+    bootstrap = _BOOTSTRAP.format(root=json.dumps(str(Path(pack_root).resolve())))
+    return [interpreter, *interpreter_flags(), "-c", bootstrap, "--config", config, *extra]
+
+
+def format_command(cmd: list[str]) -> str:
+    """``cmd`` as one line a user can paste into this platform's shell."""
+    if os.name == "nt":
+        return subprocess.list2cmdline(cmd)
+    return shlex.join(cmd)
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for the trainer: the caller's, unbuffered and UTF-8 where it is honoured.
+
+    The engine is found through the command line (``trainer_command``), not PYTHONPATH; these two
+    variables only matter to a Python that reads its environment, and ``-u -X utf8`` cover the rest.
+    """
     env = dict(os.environ if base is None else base)
-    old = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = str(pack_root) + (os.pathsep + old if old else "")
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
     return env
@@ -67,14 +128,14 @@ def verify_hello(event: dict[str, Any], pack_root: Path = PACK_ROOT) -> None:
     if event.get("type") != "hello":
         raise TrainerLaunchError(
             f"the trainer's first message was {event.get('type')!r}, not 'hello': the program started as "
-            "'python -m trainer' is not this pack's trainer."
+            "the trainer is not this pack's engine (another package named 'trainer' answered)."
         )
     engine = event.get("engine")
     package_dir = Path(str(event.get("package_dir", ""))).resolve()
     expected = (pack_root / "trainer").resolve()
     if engine != ENGINE_NAME or package_dir != expected:
         raise TrainerLaunchError(
-            f"'python -m trainer' started {engine!r} from {package_dir}, not {ENGINE_NAME!r} from {expected}. "
+            f"the trainer process started {engine!r} from {package_dir}, not {ENGINE_NAME!r} from {expected}. "
             "Another package named 'trainer' is installed in this Python environment and shadows the pack's "
             "engine; uninstall it (pip uninstall trainer) or report this as a bug."
         )
@@ -124,7 +185,7 @@ class TrainerProcess:
         self.log_path = Path(log_path) if log_path is not None else None
         self.pack_root = Path(pack_root)
         self.python = python or sys.executable
-        self.env = env if env is not None else child_env(self.pack_root)
+        self.env = env if env is not None else child_env()
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at: float | None = None  # time.time() at spawn
         self.source_stamp = 0
@@ -144,13 +205,16 @@ class TrainerProcess:
         if self.log_path is not None:
             self._open_log(self.log_path)
         config = "-" if self.config_path is None else str(self.config_path)
-        cmd = [self.python, "-m", "trainer", "--config", config, "--stop-when-stdin-closes"]
-        logger.info("starting trainer: %s (cwd %s)", cmd, self.pack_root)
+        cmd = trainer_command(config, pack_root=self.pack_root, python=self.python,
+                              extra=["--stop-when-stdin-closes"])
+        logger.info("starting trainer: %s", format_command(cmd))
         self.source_stamp = source_stamp(self.pack_root)
         self.started_at = time.time()
         self.proc = subprocess.Popen(cmd, cwd=self.pack_root, env=self.env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        atexit.register(self.kill)  # the server exiting must not leave an orphan training on the GPU
+        # The server exiting (Ctrl-C in its console included) must not leave an orphan training on the GPU,
+        # nor throw away the steps since the last checkpoint.
+        atexit.register(self.stop_at_exit)
         self._spawn(self._read_stdout, "trainer-events")
         self._spawn(self._read_stderr, "trainer-log")
 
@@ -206,6 +270,23 @@ class TrainerProcess:
             self.proc.kill()
             self.wait(30)
 
+    def stop_at_exit(self, grace_s: float = EXIT_GRACE_S) -> None:
+        """Stop gracefully when the parent exits: a training run saves a checkpoint first.
+
+        Closing stdin is the stop that works on every platform (no POSIX signal): the trainer runs with
+        ``--stop-when-stdin-closes``, saves and exits; a warm one without a run exits at once. Whatever
+        has not ended after ``grace_s`` is killed.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        training = self.config_path is not None
+        if training:
+            logger.warning("exiting: asking trainer %s to save a checkpoint and stop (up to %.0f s)",
+                           self.proc.pid, grace_s)
+        self.close_stdin()
+        if self.wait(grace_s if training else min(grace_s, 5.0)) is None:
+            self.kill()
+
     def close(self) -> None:
         self.kill()
         for thread in self._threads:
@@ -215,7 +296,7 @@ class TrainerProcess:
             if self._log is not None:
                 self._log.close()
                 self._log = None
-        atexit.unregister(self.kill)
+        atexit.unregister(self.stop_at_exit)
 
     def __enter__(self) -> TrainerProcess:
         if self.proc is None:  # a warm trainer is already running

@@ -172,6 +172,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def is_warm_trainer(argv: list[str]) -> bool:
+    """Whether ``argv`` is the pack's trainer started warm: ``python [flags] -c <bootstrap that runs the
+    module trainer> --config - ...`` (see trainer.launcher.trainer_command)."""
+    if "-c" not in argv or "--config" not in argv:
+        return False
+    code = argv[argv.index("-c") + 1] if argv.index("-c") + 1 < len(argv) else ""
+    config = argv[argv.index("--config") + 1: argv.index("--config") + 2]
+    return 'run_module("trainer"' in code and config == ["-"]
+
+
 class ComfyServer:
     """A ComfyUI server process on 127.0.0.1 with its own base directory.
 
@@ -179,8 +189,10 @@ class ComfyServer:
     """
 
     def __init__(self, comfyui_root: Path, base_dir: Path, extra_args: tuple[str, ...] | list[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, python: list[str] | None = None) -> None:
         self.comfyui_root = Path(comfyui_root).resolve()
+        # The interpreter and its flags, e.g. a portable-style one: [".../python_embeded/python", "-s"].
+        self.python = list(python) if python else [sys.executable]
         self.base_dir = Path(base_dir).resolve()
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})  # on top of the offline, single-thread test environment
@@ -240,7 +252,7 @@ class ComfyServer:
             return self
         self.port = free_port()
         cmd = [
-            sys.executable, str(self.comfyui_root / "main.py"),
+            *self.python, str(self.comfyui_root / "main.py"),
             "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--base-directory", str(self.base_dir),
             "--fp32-text-enc", *self.extra_args,
@@ -289,10 +301,9 @@ class ComfyServer:
         return children
 
     def warm_trainers(self) -> list[int]:
-        """Pids of the server's trainers started warm (``python -m trainer --config -``): waiting for a
-        run, or running the one they were handed."""
-        return sorted(pid for pid, argv in self.child_processes().items()
-                      if argv[1:4] == ["-m", "trainer", "--config"] and argv[4:5] == ["-"])
+        """Pids of the server's trainers started warm (``--config -``): waiting for a run, or running the
+        one they were handed."""
+        return sorted(pid for pid, argv in self.child_processes().items() if is_warm_trainer(argv))
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
