@@ -52,7 +52,7 @@ Sample = report.Sample
 
 log = logging.getLogger("bench_train")
 
-PHOTOS = REPO.parent / "shared" / "dreambench" / "dog"
+PHOTOS = REPO / "tests" / "assets" / "dreambench" / "dog"  # 5 DreamBench photos, 256 px, kept in the repo
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SUPPORT_PACKAGE = "dreambooth_test_support"
 PROMPT = "a photo of sks dog"
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < short < long or repeats < 1:
         parser.error("need 0 < --short < --long and --repeats >= 1")
     if not PHOTOS.is_dir():
-        parser.error(f"missing {PHOTOS}: the DreamBench photos must sit beside the repository in shared/")
+        parser.error(f"missing {PHOTOS}: the DreamBench photos are part of the repository (tests/assets)")
     wanted = {p for g in (args.only or list(GROUPS)) for p in GROUPS[g]}
     peers = [p for p in report.PEERS if p in wanted]
     results = args.results or (RESULTS_MD if not (args.quick or args.only) else args.work_dir / "last_results.md")

@@ -1,6 +1,6 @@
 """trainer/data.py: scanning, safe decoding, cropping, deterministic ordering and fingerprints.
 
-Real DreamBench photos are read in place from the shared folder beside the repository; every other
+Real DreamBench photos are read from downscaled copies kept in tests/assets; every other
 image is synthesised into pytest's tmp_path.
 """
 
@@ -27,8 +27,7 @@ def dog_photos() -> list[Path]:
     folder = DREAMBENCH / "dog"
     photos = sorted(folder.glob("*.jpg"))
     assert photos, (
-        f"DreamBench photos not found in {folder}: the data tests need the DreamBench subject folders "
-        "(e.g. dreambench/dog/00.jpg) in a 'shared/dreambench' folder beside the repository."
+        f"DreamBench photos not found in {folder}: they are part of the repository (tests/assets)."
     )
     return photos
 

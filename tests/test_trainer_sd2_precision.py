@@ -89,7 +89,7 @@ def sd2_checkpoint(comfyui_root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sd2_lora(sd2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    assert DOG.is_dir(), f"missing {DOG}: the DreamBench photos must sit beside the repo in shared/"
+    assert DOG.is_dir(), f"missing {DOG}: the DreamBench photos are part of the repository (tests/assets)"
     out = tmp_path_factory.mktemp("sd2 run")
     result = train(make_config(sd2_checkpoint, out / "run"), protocol.EventWriter(io.StringIO()), protocol.Commands())
     assert result.status == "done" and result.step == 2

@@ -32,7 +32,7 @@ DREAMBENCH = DREAMBENCH_DIR
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three real DreamBench dog photos, read in place (copied only into a temp folder)."""
     src = DREAMBENCH / "dog"
-    assert src.is_dir(), f"missing {src}: the DreamBench photos must sit beside the repo in shared/"
+    assert src.is_dir(), f"missing {src}: the DreamBench photos are part of the repository (tests/assets)"
     folder = tmp_path_factory.mktemp("dog photos")
     for jpg in sorted(src.glob("*.jpg"))[:3]:
         shutil.copy(jpg, folder / jpg.name)

@@ -19,8 +19,9 @@ REPO_ROOT: Path = Path(__file__).resolve().parents[2]
 # CI can point this at a persistent volume to keep them between runs.
 CACHE_DIR: Path = Path(os.environ.get("DREAMBOOTH_TEST_CACHE") or (REPO_ROOT / ".cache")).resolve()
 
-# Real subject photos from the DreamBooth paper's dataset, read in place beside the checkout.
-DREAMBENCH_DIR: Path = REPO_ROOT.parent / "shared" / "dreambench"
+# Real subject photos from the DreamBooth paper's dataset, downscaled copies kept in the repository
+# (with their attribution and licence) so the suite runs from a clone alone.
+DREAMBENCH_DIR: Path = REPO_ROOT / "tests" / "assets" / "dreambench"
 
 # Environment that keeps every child process (ComfyUI, builders, the trainer) off the network and
 # single-threaded: with two cores, oversubscribed BLAS threads made small ops 10-20x slower.
