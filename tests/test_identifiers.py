@@ -1,56 +1,77 @@
-"""trainer/identifiers.py: the pure-Python CLIP tokenizer and the identifier proposals and checks."""
+"""trainer/identifiers.py: identifier proposals and checks on the engine's CLIP tokenizer."""
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 
 import pytest
 from comfyui_dreambooth_lora.trainer import identifiers as ids
+from comfyui_dreambooth_lora.trainer import tokenizer as clip_tokenizer
 from dreambooth_test_support.paths import REPO_ROOT, child_env
+
+# Accents (composed and decomposed), emoji and CJK: where a hand-written BPE once disagreed with
+# transformers 4.57's CLIPTokenizer. Each transformers version has its own rules here (4.x splits CJK
+# characters apart, 5.x does not), so the checks must use the library's tokenizer, not a copy.
+NON_ASCII = ["café", "CAFÉ", "cafe\u0301", "naïve", "Zürich", "😀", "🐶dog", "東京", "ｚｗｘ", "ohwx_😀"]
 
 
 @pytest.fixture(scope="module")
-def tok() -> ids.ClipBpe:
+def tok() -> ids.ClipTokens:
     return ids.load_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer():  # noqa: ANN201 - transformers type
+    """Built the way ComfyUI and diffusers build it, independently of the pack's loader."""
     transformers = pytest.importorskip("transformers")
     return transformers.CLIPTokenizer.from_pretrained(str(ids.TOKENIZER_DIR), model_max_length=77)
 
 
-def test_known_token_ids(tok: ids.ClipBpe) -> None:
+def test_uses_the_engines_tokenizer(tok: ids.ClipTokens) -> None:
+    from comfyui_dreambooth_lora.trainer import models
+
+    # One tokenizer object for training and for the checks: they cannot drift apart.
+    assert tok.hf is models.load_tokenizer("sd1") is clip_tokenizer.load_tokenizer("sd1")
+    assert tok.hf.model_max_length == 77  # not the 8192 transformers reports for the bare files
+
+
+def test_known_token_ids(tok: ids.ClipTokens) -> None:
     # Ids of openai/clip-vit-large-patch14, the tokenizer SD1.x ships.
     assert tok.encode("a photo of sks dog") == [320, 1125, 539, 48136, 1929]
     assert tok.tokenize("dog") == ["dog</w>"]
     assert tok.encode("zwx") == [89, 3561]  # 'z' + 'wx': two tokens
+    assert tok.encode("café") == [15304] and tok.encode("naïve") == [1097, 35689, 563]
 
 
-def test_matches_transformers_tokenizer(tok: ids.ClipBpe, hf_tokenizer) -> None:  # noqa: ANN001
-    rng = random.Random(1234)
-    words = [tok.token_text(t) for t in tok.vocab if t.endswith("</w>") and tok.token_text(t).isascii()]
-    texts = [
-        "a photo of sks dog",
-        "Hello, world! it's 2024 and we're at the CAFÉ",
-        "ohwx man in the style of <lora:x:0.8>, __under__score, 3.14 rn",
-        "naïve Zürich 東京 emoji 😀 end.",
-        "  lots   of\twhitespace\n and &amp; entities ",
-    ]
-    texts += [" ".join(rng.sample(words, 8)) for _ in range(150)]
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    texts += ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(1500)]
-    mismatches = [
-        (t, tok.encode(t), hf_tokenizer(t, add_special_tokens=False)["input_ids"])
-        for t in texts
-        if tok.encode(t) != hf_tokenizer(t, add_special_tokens=False)["input_ids"]
-    ]
-    assert not mismatches, mismatches[:5]
+@pytest.mark.parametrize("text", NON_ASCII)
+def test_check_agrees_with_clip_tokenizer_on_non_ascii(text: str, hf_tokenizer) -> None:  # noqa: ANN001
+    expected = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    check = ids.check_identifier(text, "dog")
+    assert check.token_ids == expected
+    assert len(check.tokens) == len(expected)
+    # In the instance prompt the identifier's ids sit between "a photo of" and "dog" unchanged.
+    in_prompt = hf_tokenizer(ids.instance_prompt(text, "dog"), add_special_tokens=False)["input_ids"]
+    assert in_prompt == [320, 1125, 539, *expected, 1929]
+    if len(expected) > 1:
+        assert any("tokens" in p for p in check.problems), check.describe()
 
 
-def test_candidates_are_single_rare_whole_word_tokens(tok: ids.ClipBpe) -> None:
+def test_token_text_is_readable(tok: ids.ClipTokens) -> None:
+    for text in ["café", "naïve", "Zürich", "😀"]:
+        pieces = [tok.token_text(t) for t in tok.tokenize(text)]
+        assert "".join(pieces) == text.lower(), pieces
+
+
+def test_candidates_are_the_same_with_every_transformers_version() -> None:
+    # The node promises that an index names the same identifier on every machine, whichever
+    # transformers the ComfyUI install has; this fingerprint was taken with 4.57 and 5.23.
+    cands = ids.candidate_identifiers()
+    assert len(cands) == 1866
+    assert cands[:8] == ["fac", "bram", "vit", "saz", "hibs", "atan", "rion", "hya"]
+
+
+def test_candidates_are_single_rare_whole_word_tokens(tok: ids.ClipTokens) -> None:
     cands = ids.candidate_identifiers()
     assert len(cands) > 500
     assert len(set(cands)) == len(cands)
@@ -70,14 +91,17 @@ def test_candidates_are_deterministic_across_processes() -> None:
     # A fresh interpreter has a different str-hash seed; the order must not depend on it.
     code = (
         "import importlib.util, sys\n"
-        "spec = importlib.util.spec_from_file_location('ids_copy', sys.argv[1])\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['ids_copy'] = m\n"
+        "root = sys.argv[1]\n"
+        "spec = importlib.util.spec_from_file_location('pack_copy', root + '/__init__.py',\n"
+        "                                              submodule_search_locations=[root])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['pack_copy'] = m\n"
         "spec.loader.exec_module(m)\n"
-        "print(','.join(m.candidate_identifiers()[:50]))\n"
+        "from pack_copy.trainer import identifiers\n"
+        "print(','.join(identifiers.candidate_identifiers()[:50]))\n"
     )
     env = child_env({"PYTHONHASHSEED": "12345"})
     out = subprocess.run(
-        [sys.executable, "-c", code, str(REPO_ROOT / "trainer" / "identifiers.py")],
+        [sys.executable, "-c", code, str(REPO_ROOT)],
         capture_output=True, text=True, env=env, check=True, timeout=120,
     ).stdout.strip()
     assert out.split(",") == ids.candidate_identifiers()[:50]
@@ -119,7 +143,7 @@ def test_common_word_number_and_punctuation_are_flagged() -> None:
 
 def test_describe_shows_tokens_readably() -> None:
     text = ids.check_identifier("café").describe()
-    assert "caf" in text and "Ã" not in text  # byte-level characters decoded
+    assert "'café'" in text and "Ã" not in text and "</w>" not in text  # byte-level characters decoded
 
 
 def test_prompts() -> None:

@@ -5,21 +5,21 @@ of the vocabulary, short, that is not an everyday word. This module proposes suc
 CLIP BPE vocabulary that SD1.x uses and explains what is wrong with a user's own choice (several
 tokens, a strong prior like "sks" - a rifle -, a common word, a number).
 
-Pure standard library (no torch, no transformers): the node layer and the trainer both use it, the
-trainer to warn about a poor identifier in a prompt before it spends an hour training on it.
+Tokens come from the engine's own CLIPTokenizer (``tokenizer.py``), the one training encodes the
+prompts with, so a check and the trained text encoder never disagree on how an identifier splits.
+Importing this module stays cheap (standard library only): transformers loads on the first check.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
+from typing import Any
 
-TOKENIZER_DIR: Path = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
+from .tokenizer import TOKENIZER_DIR as TOKENIZER_DIR
+from .tokenizer import load_tokenizer as load_clip_tokenizer
 
 # The BPE merge list is ordered by how often a pair occurred when the vocabulary was built, and the
 # vocabulary ids follow that order, so a token's id is a frequency rank. Below ~25k the whole-word
@@ -122,12 +122,6 @@ jovi pisa lyme mica fema aclu ncis aapl ubs rfid mew fila
 BLOCKED_WORDS: frozenset[str] = frozenset(_BLOCKED.split())
 
 _MULTI_WORD = re.compile(r"\s")
-# CLIP's pre-tokeniser pattern with the stdlib's classes: \p{L} ~ [^\W\d_], \p{N} ~ \d. Numbers are
-# split into single digits, as in CLIP.
-_PRETOKENIZE = re.compile(
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+",
-    re.IGNORECASE,
-)
 _CANDIDATE_SHAPE = re.compile(r"[a-z]{3,4}")
 # Consonant clusters of three and tripled letters mark acronyms and keyboard noise, not words the
 # tokenizer keeps whole in a caption.
@@ -135,95 +129,39 @@ _CONSONANT_RUN = re.compile(r"[^aeiouy]{3}")
 _TRIPLE = re.compile(r"(.)\1\1")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+class ClipTokens:
+    """The view of transformers' CLIPTokenizer that the identifier checks need.
 
-
-class ClipBpe:
-    """CLIP's byte-level BPE tokenizer (the one SD1.x uses), from vocab.json and merges.txt."""
+    The tokenizer itself is the engine's (``tokenizer.load_tokenizer``), so a check sees the very
+    ids training feeds the text encoder - including each transformers version's own handling of
+    accents, emoji and CJK text, on which a re-implementation drifts.
+    """
 
     END_OF_WORD = "</w>"
 
-    def __init__(self, tokenizer_dir: Path = TOKENIZER_DIR) -> None:
-        with open(tokenizer_dir / "vocab.json", encoding="utf-8") as fh:
-            self.vocab: dict[str, int] = json.load(fh)
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self.hf = hf_tokenizer
+        self.vocab: dict[str, int] = dict(hf_tokenizer.get_vocab())
         self.id_to_token: dict[int, str] = {i: t for t, i in self.vocab.items()}
-        with open(tokenizer_dir / "merges.txt", encoding="utf-8") as fh:
-            lines = fh.read().split("\n")
-        # Line 0 is the "#version" header; CLIP uses exactly vocab - 256 bytes - 256 end-of-word
-        # bytes - 2 special tokens merges, and the file may hold more.
-        n_merges = len(self.vocab) - 512 - 2
-        merges = [tuple(line.split()) for line in lines[1 : n_merges + 1] if line]
-        self.ranks: dict[tuple[str, ...], int] = {m: i for i, m in enumerate(merges)}
-        self.byte_encoder = _bytes_to_unicode()
-        self.byte_decoder = {ch: b for b, ch in self.byte_encoder.items()}
-        self._cache: dict[str, tuple[str, ...]] = {}
-
-    def _bpe(self, word: str) -> tuple[str, ...]:
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
-        parts = list(word[:-1]) + [word[-1] + self.END_OF_WORD]
-        while len(parts) > 1:
-            pairs = {(parts[i], parts[i + 1]) for i in range(len(parts) - 1)}
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
-                break
-            merged: list[str] = []
-            i = 0
-            while i < len(parts):
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        result = tuple(parts)
-        if len(self._cache) < 10000:
-            self._cache[word] = result
-        return result
-
-    @staticmethod
-    def normalize(text: str) -> str:
-        """The normaliser of transformers' CLIPTokenizer (what ComfyUI and diffusers run): NFC,
-        collapsed whitespace, lower case. OpenAI's original also ran ftfy and unescaped HTML
-        entities; the SD tool chain does not, so neither does this."""
-        text = unicodedata.normalize("NFC", text)
-        return re.sub(r"\s+", " ", text).strip().lower()
 
     def tokenize(self, text: str) -> list[str]:
         """Token strings (word-final ones end in ``</w>``), without start/end tokens."""
-        tokens: list[str] = []
-        for piece in _PRETOKENIZE.findall(self.normalize(text)):
-            word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            tokens.extend(self._bpe(word))
-        return tokens
-
-    def token_text(self, token: str) -> str:
-        """The text a token stands for (byte-level characters decoded, ``</w>`` dropped)."""
-        raw = bytes(self.byte_decoder[ch] for ch in token.removesuffix(self.END_OF_WORD))
-        return raw.decode("utf-8", errors="replace")
+        return list(self.hf.tokenize(text))
 
     def encode(self, text: str) -> list[int]:
         """Token ids, without start/end tokens."""
-        return [self.vocab[t] for t in self.tokenize(text)]
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def token_text(self, token: str) -> str:
+        """The text a token stands for (byte-level characters decoded, ``</w>`` dropped)."""
+        # The suffix goes first: not every transformers version's decoder knows about it.
+        return str(self.hf.convert_tokens_to_string([token.removesuffix(self.END_OF_WORD)]))
 
 
-@lru_cache(maxsize=2)
-def load_tokenizer(tokenizer_dir: Path = TOKENIZER_DIR) -> ClipBpe:
-    """The shipped tokenizer, parsed once per process (vocab.json is about 1 MB)."""
-    return ClipBpe(tokenizer_dir)
+@lru_cache(maxsize=1)
+def load_tokenizer() -> ClipTokens:
+    """The shipped SD1 CLIP tokenizer, read once per process and shared with training."""
+    return ClipTokens(load_clip_tokenizer("sd1"))
 
 
 @dataclass
@@ -249,7 +187,7 @@ class IdentifierCheck:
 
 
 def check_identifier(
-    identifier: str, class_noun: str | None = None, tokenizer: ClipBpe | None = None
+    identifier: str, class_noun: str | None = None, tokenizer: ClipTokens | None = None
 ) -> IdentifierCheck:
     """Tokenize `identifier` as it will appear in a prompt and list the reasons it is a poor choice."""
     tok = tokenizer or load_tokenizer()
@@ -296,10 +234,10 @@ def check_identifier(
     return result
 
 
-def _is_candidate(token: str, token_id: int, tok: ClipBpe) -> bool:
-    if not token.endswith(ClipBpe.END_OF_WORD):
+def _is_candidate(token: str, token_id: int, tok: ClipTokens) -> bool:
+    if not token.endswith(ClipTokens.END_OF_WORD):
         return False
-    word = token.removesuffix(ClipBpe.END_OF_WORD)
+    word = token.removesuffix(ClipTokens.END_OF_WORD)
     if not _CANDIDATE_SHAPE.fullmatch(word) or not re.search(r"[aeiou]", word):
         return False
     if _CONSONANT_RUN.search(word) or _TRIPLE.search(word):
@@ -311,12 +249,12 @@ def _is_candidate(token: str, token_id: int, tok: ClipBpe) -> bool:
     return tok.encode(word) == [token_id]
 
 
-@lru_cache(maxsize=2)
-def _candidates_for(tokenizer_dir: Path) -> tuple[str, ...]:
-    tok = load_tokenizer(tokenizer_dir)
+@lru_cache(maxsize=1)
+def _candidates() -> tuple[str, ...]:
+    tok = load_tokenizer()
     lo, hi = RARE_ID_RANGE
     words = [
-        tok.id_to_token[i].removesuffix(ClipBpe.END_OF_WORD)
+        tok.id_to_token[i].removesuffix(ClipTokens.END_OF_WORD)
         for i in range(lo, hi)
         if i in tok.id_to_token and _is_candidate(tok.id_to_token[i], i, tok)
     ]
@@ -325,14 +263,14 @@ def _candidates_for(tokenizer_dir: Path) -> tuple[str, ...]:
     return tuple(sorted(words, key=lambda w: hashlib.sha256(w.encode("utf-8")).hexdigest()))
 
 
-def candidate_identifiers(tokenizer_dir: Path = TOKENIZER_DIR) -> list[str]:
+def candidate_identifiers() -> list[str]:
     """Every proposed identifier, in a fixed order that is the same on every machine."""
-    return list(_candidates_for(tokenizer_dir))
+    return list(_candidates())
 
 
-def propose_identifier(index: int = 0, class_noun: str | None = None, tokenizer_dir: Path = TOKENIZER_DIR) -> str:
+def propose_identifier(index: int = 0, class_noun: str | None = None) -> str:
     """The `index`-th candidate (wrapping around), skipping one that equals a word of `class_noun`."""
-    words = _candidates_for(tokenizer_dir)
+    words = _candidates()
     avoid = {w.lower() for w in class_noun.split()} if class_noun else set()
     usable = [w for w in words if w not in avoid]
     return usable[index % len(usable)]

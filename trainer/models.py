@@ -8,7 +8,6 @@ and lets the same code path load a real SD1.5 file and the tiny test checkpoints
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -23,11 +22,10 @@ from typing import Any
 import torch
 
 from .config import ConfigError
+from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "cond_stage_model.transformer."
@@ -458,17 +456,6 @@ def import_model_libraries() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel  # noqa: F401
 
     load_tokenizer("sd1")
-
-
-@functools.cache
-def load_tokenizer(family: str) -> Any:
-    """The CLIP tokenizer for ``family``; read once per process (its 49k BPE merges take a while)."""
-    from transformers import CLIPTokenizer
-
-    # SD2's OpenCLIP pads with "!" (token 0) where SD1's CLIP pads with the end token.
-    extra = {"pad_token": "!"} if family == "sd2" else {}
-    # from_pretrained on the shipped folder works with both transformers 4 (slow/fast) and 5.
-    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77, local_files_only=True, **extra)
 
 
 def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
