@@ -22,6 +22,9 @@ from typing import Any
 import torch
 
 from .config import ConfigError
+from .fileio import sha256_file
+from .safetensors_file import SafetensorsFileError, read_tensor_bytes
+from .safetensors_file import read_header as read_safetensors_header
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -77,35 +80,33 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
 
     Tensors are read with plain file reads into fresh buffers rather than through a memory map:
     converting component by component then keeps peak memory near the size of the fp32 models,
-    not the half-precision file (mapped and touched) *plus* the fp32 models.
+    not the half-precision file (mapped and touched) *plus* the fp32 models. The header is checked
+    against the file's size first (``safetensors_file``): a half-downloaded checkpoint is a config
+    error naming ``setting``, never tensors read back as zeros.
     """
 
-    def __init__(self, path: Path) -> None:
-        import struct
-
+    def __init__(self, path: Path, setting: str = "pretrained_model") -> None:
+        self._setting = setting
+        try:
+            self._header = read_safetensors_header(path)
+        except SafetensorsFileError as exc:
+            raise ConfigError(setting, str(exc)) from exc
         self._path = path
-        with path.open("rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > 100_000_000:
-                raise ConfigError("pretrained_model", f"{path} is not a valid .safetensors file")
-            header = json.loads(fh.read(header_len))
-        header.pop("__metadata__", None)
-        self._base = 8 + header_len
-        self._entries: dict[str, dict[str, Any]] = header
+        self._entries = self._header.tensors
+        for key, entry in self._entries.items():
+            if entry.dtype not in _SAFETENSORS_DTYPES:
+                raise ConfigError(setting, f"{path.name}: unsupported tensor type {entry.dtype} ({key})")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ConfigError("pretrained_model", f"{self._path.name}: unsupported tensor type {entry['dtype']} ({key})")
-        begin, end = entry["data_offsets"]
-        buffer = bytearray(end - begin)
-        with self._path.open("rb") as fh:
-            fh.seek(self._base + begin)
-            fh.readinto(buffer)
+        dtype = _SAFETENSORS_DTYPES[entry.dtype]
+        try:
+            buffer = read_tensor_bytes(self._header, key)
+        except SafetensorsFileError as exc:
+            raise ConfigError(self._setting, str(exc)) from exc
         if not buffer:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+            return torch.empty(entry.shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries
@@ -117,7 +118,7 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
         return len(self._entries)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v["shape"]) for k, v in self._entries.items()}
+        return {k: v.shape for k, v in self._entries.items()}
 
 
 def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
@@ -477,8 +478,7 @@ def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
             memo = {}
     if memo_key in memo:
         return memo[memo_key]
-    with target.open("rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    digest = sha256_file(target)
     if memo_file:
         memo[memo_key] = digest
         memo_file.parent.mkdir(parents=True, exist_ok=True)
