@@ -54,7 +54,7 @@ def pins(path: Path) -> dict[str, Version]:
 
 def load_pyproject() -> dict:
     try:
-        import tomllib
+        import tomllib  # novermin - 3.11+, with the tomli fallback below for 3.10
     except ModuleNotFoundError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
     with open(REPO_ROOT / "pyproject.toml", "rb") as fh:
