@@ -28,6 +28,7 @@ from .protocol import (
     Commands,
     EventWriter,
     claim_stdout_for_protocol,
+    install_interrupt_handler,
     read_config_command,
 )
 
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     events.emit("hello", engine=ENGINE_NAME, version=__version__, pid=os.getpid(),
                 package_dir=os.path.dirname(os.path.abspath(__file__)), protocol_commands=["stop", "sample", "save"])
     config_path: str | None = args.config
+    commands = Commands()
+    install_interrupt_handler(commands)  # first Ctrl-C: stop and save a checkpoint; second: abort
     try:
         if config_path == "-":
             if os.environ.get("WORLD_SIZE", "1") != "1":
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         events.emit("error", kind="config", key=exc.key, message=str(exc), advice="")
         logger.error("%s", exc)
         return EXIT_CONFIG
-    commands = Commands()
+    except KeyboardInterrupt:  # the second Ctrl-C while a warm trainer waits for its run
+        return EXIT_STOPPED
     if is_main_process:
         commands.listen(sys.stdin, stop_at_eof=args.stop_when_stdin_closes)
     try:

@@ -12,11 +12,14 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .fileio import FileInUseError, long_path, replace_with_retry
 
 logger = logging.getLogger(__name__)
 
@@ -58,30 +61,101 @@ def list_checkpoints(output_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
+def capture_rng_state() -> dict[str, Any]:
+    """The global generators a resumed run must continue: the CPU one and, once CUDA is in use, every
+    GPU's (LoRA dropout on a GPU draws from the GPU generator)."""
+    state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(extra: dict[str, Any], *, cuda_device_count: int | None = None,
+                      set_cuda_state: Callable[[int, torch.Tensor], None] | None = None) -> list[str]:
+    """Put back what ``capture_rng_state`` saved; returns warnings for states that cannot be restored.
+
+    ``cuda_device_count`` and ``set_cuda_state(index, state)`` default to this machine's CUDA; tests
+    pass their own to check the GPU branch on a CPU.
+    """
+    torch.set_rng_state(extra["torch_rng"])
+    saved = extra.get("cuda_rng") or []
+    if not saved:
+        return []
+    if cuda_device_count is None:
+        cuda_device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if set_cuda_state is None:
+        set_cuda_state = _set_cuda_rng_state
+    if cuda_device_count == 0:
+        return ["the checkpoint was made on a GPU and is resumed without one: training continues, but not "
+                "bit-for-bit as the GPU run would have"]
+    for index, state in enumerate(saved[:cuda_device_count]):
+        set_cuda_state(index, state)
+    if len(saved) != cuda_device_count:
+        return [f"the checkpoint saved {len(saved)} GPU generator(s), this machine has {cuda_device_count}: "
+                "the shared ones are restored"]
+    return []
+
+
+def _set_cuda_rng_state(index: int, state: torch.Tensor) -> None:
+    torch.cuda.set_rng_state(state, device=index)
+
+
+def restore_training_state(extra: dict[str, Any], *, optimizer: Any, scheduler: Any, scaler: Any | None) -> list[str]:
+    """Optimizer, LR schedule, fp16 loss scale and generators from ``load_checkpoint``'s extra dict;
+    returns warnings to show. The loss scale matters: starting it over at 65536 after a resume
+    skips steps (inf gradients) that the uninterrupted run took."""
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    warnings = []
+    saved_scaler = extra.get("grad_scaler")
+    if scaler is not None and saved_scaler:
+        scaler.load_state_dict(saved_scaler)
+    elif scaler is not None:
+        warnings.append("the checkpoint has no fp16 loss scale (it was not trained in fp16): loss scaling starts over")
+    return warnings + restore_rng_state(extra)
+
+
 def save_checkpoint(output_dir: Path, *, step: int, signature: str, trainable: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
                     lora_tensors: dict[str, torch.Tensor], lora_metadata: dict[str, str],
-                    keep: int, data_position: dict[str, int]) -> Path:
+                    keep: int, data_position: dict[str, int], scaler_state: dict[str, Any] | None = None,
+                    rng_state: dict[str, Any] | None = None) -> Path:
     """``data_position`` is informational (it follows from the step and the seed, which is what
-    makes resume exact); it is recorded so a person can see where in the data the run was."""
+    makes resume exact); it is recorded so a person can see where in the data the run was.
+    ``rng_state`` defaults to ``capture_rng_state()`` now."""
     from safetensors.torch import save_file
 
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / TENSORS_FILE))
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "torch_rng": torch.get_rng_state()},
-               tmp / OPTIMIZER_FILE)
-    save_file(lora_tensors, str(tmp / LORA_FILE), metadata=lora_metadata)
+    shutil.rmtree(long_path(tmp), ignore_errors=True)
+    Path(long_path(tmp)).mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, long_path(tmp / TENSORS_FILE))
+    extra: dict[str, Any] = {"optimizer": optimizer_state, "scheduler": scheduler_state,
+                             **(rng_state if rng_state is not None else capture_rng_state())}
+    if scaler_state:
+        extra["grad_scaler"] = scaler_state
+    torch.save(extra, long_path(tmp / OPTIMIZER_FILE))
+    save_file(lora_tensors, long_path(tmp / LORA_FILE), metadata=lora_metadata)
     state = {"step": step, "signature": signature, "data_position": data_position}
-    (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+    Path(long_path(tmp / STATE_FILE)).write_text(json.dumps(state), encoding="utf-8")
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        _move_aside(final, root / f".old_step_{step:06d}.{os.getpid()}.tmp")
+    replace_with_retry(tmp, final)
     _rotate(output_dir, keep)
     return final
+
+
+def _move_aside(folder: Path, trash: Path) -> None:
+    """Get an earlier save of the same step out of the way. Windows refuses while another program
+    holds one of its files open (e.g. its LoRA loaded in ComfyUI): retried, then a clear error."""
+    try:
+        replace_with_retry(folder, trash, replace=os.rename)
+    except FileInUseError as exc:
+        raise FileInUseError(exc.errno, f"cannot replace the checkpoint {folder}: another program holds a file "
+                             "in it open (ComfyUI with its LoRA loaded, a file browser preview, a sync or antivirus "
+                             "tool); close it and save again", str(folder)) from exc
+    shutil.rmtree(long_path(trash), ignore_errors=True)
 
 
 def _rotate(output_dir: Path, keep: int) -> None:
@@ -95,8 +169,8 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str,
     from safetensors.torch import load_file
 
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    trainable = load_file(str(path / TENSORS_FILE))
-    extra = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    trainable = load_file(long_path(path / TENSORS_FILE))
+    extra = torch.load(long_path(path / OPTIMIZER_FILE), map_location="cpu", weights_only=True)
     return int(state["step"]), trainable, extra
 
 

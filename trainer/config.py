@@ -111,7 +111,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
     gradient_checkpointing: bool = _help("Trade compute for memory in the UNet and text encoder.", default=False)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _help(
-        "Compute precision. 'auto' = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.",
+        "Compute precision. 'auto' = bf16 on GPUs with native bf16, else fp16 with loss scaling on GPU; "
+        "fp32 on the CPU and the Apple GPU (MPS).",
         default="auto",
     )
     attention: Literal["auto", "sdpa", "xformers"] = _help(
@@ -121,7 +122,8 @@ class TrainConfig:
     noise_offset: float = _help("Noise offset (helps very dark/bright images; 0.05-0.1). 0 disables.", default=0.0)
     cache_latents: bool = _help("Encode images with the VAE once and free it (faster, less memory).", default=True)
     seed: int = _help("Seed for everything random: same seed and data give the same LoRA.", default=0)
-    device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'.", default="auto")
+    device: str = _help("'auto' (a CUDA GPU, else the Apple GPU (MPS), else the CPU; the log says which and "
+                        "why), 'cpu', 'cuda', 'cuda:N' or 'mps'.", default="auto")
     # --- validation samples ------------------------------------------------------------------
     validation_prompts: list[str] = _help("Prompts to sample during training.", default_factory=list)
     validation_steps: int = _help("Sample every N steps (0: only at the end).", default=0)
@@ -190,10 +192,10 @@ class TrainConfig:
             raise ConfigError("num_class_images", "must be >= 1 when with_prior_preservation is true")
         if any(not 0 <= c <= 255 for c in self.background):
             raise ConfigError("background", f"must be three values 0-255, got {list(self.background)}")
-        if self.device not in ("auto", "cpu", "cuda") and not (
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not (
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         ):
-            raise ConfigError("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+            raise ConfigError("device", f"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         if self.output_path and not self.output_path.endswith(".safetensors"):
             raise ConfigError("output_path", f"must end in .safetensors, got {self.output_path!r}")
 

@@ -88,7 +88,8 @@ def _read_caption(image_path: Path) -> str | None:
     if not caption_path.is_file():
         return None
     try:
-        # utf-8-sig: Windows Notepad writes a BOM that would otherwise start the caption.
+        # utf-8-sig: Windows Notepad writes a BOM that would otherwise start the caption. read_text
+        # reads with universal newlines, so \r\n (Windows) and \r (old Mac) captions equal \n ones.
         text = caption_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(

@@ -69,6 +69,9 @@ def long_path(path: str | os.PathLike[str], *, windows: bool | None = None) -> s
 class FileInUseError(PermissionError):
     """The destination stayed locked by another program through every retry."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message already names the file; no "[Errno 13]" prefix
+
 
 def replace_with_retry(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                        replace: Callable[[str, str], None] = os.replace, attempts: int = REPLACE_ATTEMPTS,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import fileio
 
 logger = logging.getLogger(__name__)
 
@@ -89,27 +91,40 @@ def kohya_state_dict(unet: torch.nn.Module, text_encoder: torch.nn.Module | None
 
 
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], *,
-                             overwrite: bool) -> None:
+                             overwrite: bool, replace: Callable[[str, str], None] = os.replace,
+                             link: Callable[[str, str], None] = os.link,
+                             replace_attempts: int = fileio.REPLACE_ATTEMPTS,
+                             replace_delay_s: float = fileio.REPLACE_DELAY_S) -> None:
     """Write to a temp file in the same folder, fsync, then move into place.
 
-    A crash mid-write leaves only the temp file; an existing file is replaced only when
-    ``overwrite`` is set (otherwise FileExistsError, atomically: the no-clobber link either lands
-    or fails whole).
+    A crash mid-write leaves only the temp file. An existing file is replaced only when
+    ``overwrite`` is set, retrying while another program holds it open (Windows refuses to replace
+    a LoRA that ComfyUI has loaded); when that never succeeds, the old file is unchanged, the new one
+    stays in the temp file and FileInUseError names both. Without ``overwrite`` an existing file
+    raises FileExistsError, atomically: the no-clobber create either lands whole or fails.
+    ``replace`` and ``link`` are the operations used (tests inject failing ones).
     """
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(fileio.long_path(path.parent)).mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    keep_tmp = False
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with tmp.open("rb") as fh:
+        save_file(tensors, fileio.long_path(tmp), metadata=metadata)
+        with open(fileio.long_path(tmp), "rb") as fh:
             os.fsync(fh.fileno())
         if overwrite:
-            os.replace(tmp, path)
+            try:
+                fileio.replace_with_retry(tmp, path, replace=replace, attempts=replace_attempts,
+                                          delay_s=replace_delay_s)
+            except fileio.FileInUseError:
+                keep_tmp = True  # the only copy of the new LoRA: never delete it
+                raise
         else:
-            os.link(tmp, path)  # raises FileExistsError rather than replacing a good file
+            fileio.create_no_clobber(tmp, path, link=link)  # FileExistsError rather than replacing a good file
     finally:
-        tmp.unlink(missing_ok=True)
+        if not keep_tmp:
+            Path(fileio.long_path(tmp)).unlink(missing_ok=True)
 
 
 def metadata_signature(config: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -121,6 +122,11 @@ def read_config_command(stream: IO[str]) -> str | None:
         return str(message["path"])
 
 
+class StopRequested(Exception):
+    """A stop arrived during work that has no checkpoint to save (loading, class images, sampling):
+    raised to leave that work at once."""
+
+
 @dataclass
 class Commands:
     """Flags set by the launcher's commands; the loop reads and clears them between steps."""
@@ -128,6 +134,11 @@ class Commands:
     stop: threading.Event = field(default_factory=threading.Event)
     sample: threading.Event = field(default_factory=threading.Event)
     save: threading.Event = field(default_factory=threading.Event)
+
+    def check_stop(self) -> None:
+        """Raise StopRequested if a stop is pending (leaving the flag set for the loop to see)."""
+        if self.stop.is_set():
+            raise StopRequested
 
     def take(self, name: str) -> bool:
         flag: threading.Event = getattr(self, name)
@@ -164,3 +175,33 @@ class Commands:
         thread = threading.Thread(target=_read, name="trainer-commands", daemon=True)
         thread.start()
         return thread
+
+
+def install_interrupt_handler(commands: Commands) -> bool:
+    """Ctrl-C (SIGINT) and, on Windows, Ctrl-Break (SIGBREAK): the first one stops gracefully, like a
+    stop command (the loop saves a checkpoint); the second aborts at once (KeyboardInterrupt).
+
+    A Ctrl-C in ComfyUI's console reaches this child process too, on POSIX and Windows consoles.
+    Installed only where the signal exists and only from the main thread (Python's rule); returns
+    whether a handler was installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    names = [name for name in ("SIGINT", "SIGBREAK") if hasattr(signal, name)]
+    if not names:
+        return False
+    pressed = 0
+
+    def _handler(signum: int, frame: object) -> None:
+        nonlocal pressed
+        pressed += 1
+        if pressed > 1:
+            logger.warning("second interrupt: aborting without saving")
+            raise KeyboardInterrupt
+        logger.warning("interrupt received: stopping after the current step and saving a checkpoint "
+                       "(press Ctrl-C again to abort without saving)")
+        commands.stop.set()
+
+    for name in names:
+        signal.signal(getattr(signal, name), _handler)
+    return True

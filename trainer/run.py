@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from . import __version__, checkpoint, data, lora, sampling
 from .config import ConfigError, TrainConfig
+from .fileio import long_path
 from .models import BaseModel, ModelSource, drop_vae_decoder
-from .protocol import Commands, EventWriter
-from .runtime import Runtime, free_accelerator_memory, peak_memory_gb, resolve_runtime
+from .protocol import Commands, EventWriter, StopRequested
+from .runtime import Runtime, free_accelerator_memory, peak_memory_gb, resolve_runtime, upcast_attention
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ class RunResult:
     status: str  # "done" or "stopped"
     step: int
     lora_path: Path | None  # None when stopped before the first step
-
-
-class StopRequested(Exception):
-    """A stop command arrived while the run was still being set up."""
 
 
 class LatentCache:
@@ -81,6 +78,8 @@ class TrainingRun:
         self.events = events
         self.commands = commands
         self.runtime: Runtime = resolve_runtime(config.device, config.mixed_precision, config.attention)
+        for level, message in self.runtime.notes:
+            events.status(message, level=level)
         if self.runtime.device.type == "cuda" and self.runtime.device.index is not None:
             torch.cuda.set_device(self.runtime.device)
         _forget_previous_single_process_run()
@@ -123,17 +122,23 @@ class TrainingRun:
         source = ModelSource(cfg.pretrained_model, prediction_type=cfg.prediction_type, cache_dir=Path(cfg.cache_dir))
         self.tokenizer = source.tokenizer()
         text_encoder: torch.nn.Module | None = source.text_encoder().to(self.device, dtype=self.runtime.weight_dtype)
+        self.commands.check_stop()  # each component takes seconds to minutes: a stop need not wait for all
         self.token_ids = {p: self._tokenize([p])[0] for p in self._training_prompts()}
         self.embedding_cache: dict[str, torch.Tensor] | None = None
         if not cfg.train_text_encoder and not cfg.validation_prompts and not cfg.with_prior_preservation:
             self._cache_embeddings(text_encoder)
             text_encoder = None  # 123M parameters that training without samples never uses again
             free_accelerator_memory()
+        self.commands.check_stop()
         unet = source.unet().to(self.device, dtype=self.runtime.weight_dtype)
+        self.commands.check_stop()
         needs_decoder = bool(cfg.validation_prompts) or cfg.with_prior_preservation
         vae = source.vae(decoder=needs_decoder).to(self.device)
         self.vae_scaling = float(vae.config.scaling_factor)
         self.base: BaseModel = source.assemble(text_encoder=text_encoder, unet=unet, vae=vae)
+        if upcast_attention(unet, self.base.family):
+            logger.info("%s: attention computed in fp32 (upcast_attention), as its reference code does",
+                        self.base.family)
         if self.runtime.use_xformers:
             unet.enable_xformers_memory_efficient_attention()
 
@@ -162,12 +167,13 @@ class TrainingRun:
 
             def progress(done: int, total: int) -> None:
                 self.events.emit("progress", phase="class_images", step=done, total=total)
+                self.commands.check_stop()
 
             paths = self._main_process_first(lambda: sampling.ensure_class_images(
                 folder, missing, self._pipeline, prompt=cfg.class_prompt,
                 negative_prompt=cfg.class_negative_prompt, seed=cfg.seed, steps=cfg.class_generation_steps,
                 guidance=cfg.class_generation_guidance, size=cfg.resolution,
-                autocast_dtype=self._autocast_dtype(), on_progress=progress))
+                autocast_dtype=self._autocast_dtype(), on_progress=progress, should_stop=self.commands.stop.is_set))
             self.class_records += [data.ImageRecord(p, None, 1) for p in paths]
         self.class_prepared = data.prepare_images(self.class_records, cfg.resolution, crop="center",
                                                   background=cfg.background, seed=cfg.seed)
@@ -196,6 +202,7 @@ class TrainingRun:
         self.class_latents = cache(self.class_prepared) if cfg.with_prior_preservation else None
         for latents in (self.instance_latents, self.class_latents):
             if latents is not None and latents.keep:
+                self.commands.check_stop()
                 latents.fill()
         if cfg.crop == "center" and cfg.cache_latents and not cfg.validation_prompts:
             self.base.vae = None  # every latent is cached: give its memory back before training
@@ -279,9 +286,9 @@ class TrainingRun:
         step, trainable, extra = checkpoint.load_checkpoint(found.path)
         for prefix, model in self._named_models():
             lora.load_trainable_state(model, {k[len(prefix):]: v for k, v in trainable.items() if k.startswith(prefix)})
-        self.optimizer.load_state_dict(extra["optimizer"])
-        self.lr_scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["torch_rng"])
+        for warning in checkpoint.restore_training_state(extra, optimizer=self.optimizer, scheduler=self.lr_scheduler,
+                                                         scaler=self.accelerator.scaler):
+            self.events.status(f"resume: {warning}", level="warning")
         self.step = step
         self.events.status(f"resumed from {found.path.name} (step {step})")
 
@@ -305,7 +312,8 @@ class TrainingRun:
                 self.output_dir, step=self.step, signature=self.signature(), trainable=trainable,
                 optimizer_state=self.optimizer.state_dict(), scheduler_state=self.lr_scheduler.state_dict(),
                 lora_tensors=self._kohya(), lora_metadata=self._metadata(),
-                keep=self.config.checkpoints_total_limit, data_position=self.data_position())
+                keep=self.config.checkpoints_total_limit, data_position=self.data_position(),
+                scaler_state=self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None)
             self.events.emit("checkpoint", step=self.step, path=str(path), lora_path=str(path / checkpoint.LORA_FILE))
         self.accelerator.wait_for_everyone()
         return path
@@ -347,21 +355,23 @@ class TrainingRun:
             return
         try:
             pipe = self._pipeline()
-            for i, prompt in enumerate(cfg.validation_prompts):
-                image = sampling.generate(pipe, prompt, negative_prompt=cfg.validation_negative_prompt,
-                                          seed=cfg.validation_seed + i, steps=cfg.validation_inference_steps,
-                                          guidance=cfg.validation_guidance, size=cfg.resolution,
-                                          autocast_dtype=self._autocast_dtype())
-                out = self.output_dir / "samples" / f"step_{self.step:06d}_{i}.png"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                image.save(out)
-                self.events.emit("sample", step=self.step, index=i, prompt=prompt, path=str(out))
+            with sampling.inference_state(pipe.unet, pipe.text_encoder, pipe.vae):
+                for i, prompt in enumerate(cfg.validation_prompts):
+                    image = sampling.generate(pipe, prompt, negative_prompt=cfg.validation_negative_prompt,
+                                              seed=cfg.validation_seed + i, steps=cfg.validation_inference_steps,
+                                              guidance=cfg.validation_guidance, size=cfg.resolution,
+                                              autocast_dtype=self._autocast_dtype(),
+                                              should_stop=self.commands.stop.is_set)
+                    out = self.output_dir / "samples" / f"step_{self.step:06d}_{i}.png"
+                    Path(long_path(out.parent)).mkdir(parents=True, exist_ok=True)
+                    image.save(long_path(out))
+                    self.events.emit("sample", step=self.step, index=i, prompt=prompt, path=str(out))
+        except StopRequested:
+            # The stop flag stays set: the loop saves a checkpoint at its next check.
+            self.events.status(f"validation samples at step {self.step} cut short: stop requested")
         except Exception as exc:  # noqa: BLE001 - a failed sample must never stop training
             logger.exception("validation sampling failed")
             self.events.status(f"validation sample failed at step {self.step}: {exc}", level="warning")
-        finally:
-            for model in self.trainable_models:
-                model.train()
         self.accelerator.wait_for_everyone()
 
     # --- one optimisation step -------------------------------------------------------------------
@@ -483,8 +493,7 @@ class TrainingRun:
         """
         for phase in (self.load_data, self.load_model, self.prepare_class_images, self.build_caches,
                       self.setup_lora, self.resume_if_possible):
-            if self.commands.stop.is_set():
-                raise StopRequested
+            self.commands.check_stop()
             phase()
         for model in self.trainable_models:
             model.train()

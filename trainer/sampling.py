@@ -6,17 +6,21 @@ exactly what the current LoRA does, with a fixed seed per image.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from .fileio import long_path
 from .models import SCHEDULER_CONFIG, BaseModel
+from .protocol import StopRequested
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +38,55 @@ def build_pipeline(base: BaseModel, unet: torch.nn.Module, text_encoder: torch.n
     return pipe.to(device)
 
 
+@contextlib.contextmanager
+def inference_state(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Sample without disturbing training: dropout off (eval mode), and the global generators, which
+    LoRA dropout draws from, handed back exactly as they were, so a run with validation samples
+    trains the same LoRA as one without. Each model gets its own train/eval mode back."""
+    present = [m for m in models if m is not None]
+    modes = [(m, m.training) for m in present]
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
+    mps_backend = getattr(torch.backends, "mps", None)
+    mps_state = torch.mps.get_rng_state() if mps_backend is not None and mps_backend.is_available() else None
+    for model in present:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, training in modes:
+            model.train(training)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if mps_state is not None:
+            torch.mps.set_rng_state(mps_state)
+
+
 @torch.no_grad()
 def generate(pipe: Any, prompt: str, *, negative_prompt: str, seed: int, steps: int, guidance: float,
-             size: int, autocast_dtype: torch.dtype | None) -> Image.Image:
+             size: int, autocast_dtype: torch.dtype | None,
+             should_stop: Callable[[], bool] | None = None) -> Image.Image:
+    """One image with seed ``seed``. ``should_stop`` is asked after every denoising step; when it
+    says yes, StopRequested leaves the sampler at once (a 50-step image takes minutes on a CPU)."""
     device = pipe.device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    # MPS generators are newer and not reproducible across torch versions; diffusers draws the
+    # initial noise on the generator's device and moves it, so a CPU generator works for MPS.
+    generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
     enabled = autocast_dtype is not None and device.type == "cuda"
+    extra: dict[str, Any] = {}
+    if should_stop is not None:
+        def _check(_pipe: Any, _step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if should_stop():
+                raise StopRequested
+            return kwargs
+
+        extra["callback_on_step_end"] = _check
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=enabled):
         result = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                      guidance_scale=guidance, generator=generator, height=size, width=size, output_type="pil")
+                      guidance_scale=guidance, generator=generator, height=size, width=size, output_type="pil",
+                      **extra)
     return result.images[0]
 
 
@@ -60,20 +104,28 @@ def class_cache_folder(cache_dir: Path, *, model_sha256: str, prompt: str, negat
 def ensure_class_images(folder: Path, count: int, make_pipe: Callable[[], Any], *, prompt: str,
                         negative_prompt: str, seed: int, steps: int, guidance: float, size: int,
                         autocast_dtype: torch.dtype | None,
-                        on_progress: Callable[[int, int], None]) -> list[Path]:
-    """Generate whichever of images 0..count-1 are missing from ``folder`` and return all paths."""
-    folder.mkdir(parents=True, exist_ok=True)
+                        on_progress: Callable[[int, int], None],
+                        should_stop: Callable[[], bool] | None = None) -> list[Path]:
+    """Generate whichever of images 0..count-1 are missing from ``folder`` and return all paths.
+
+    A stop (``should_stop``) raises StopRequested within one denoising step; the images finished so
+    far stay in the cache for the next run.
+    """
+    Path(long_path(folder)).mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{i:05d}.png" for i in range(count)]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:
-        (folder / "settings.json").write_text(json.dumps({"prompt": prompt, "negative_prompt": negative_prompt,
-                                                          "seed": seed, "steps": steps, "size": size}), "utf-8")
+        Path(long_path(folder / "settings.json")).write_text(json.dumps(
+            {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps, "size": size}),
+            "utf-8")
         pipe = make_pipe()
-        for done, i in enumerate(missing, start=1):
-            image = generate(pipe, prompt, negative_prompt=negative_prompt, seed=seed + i, steps=steps,
-                             guidance=guidance, size=size, autocast_dtype=autocast_dtype)
-            tmp = paths[i].with_suffix(".tmp.png")
-            image.save(tmp)
-            tmp.replace(paths[i])  # a killed run never leaves a half-written image in the cache
-            on_progress(done, len(missing))
+        with inference_state(pipe.unet, pipe.text_encoder, pipe.vae):
+            for done, i in enumerate(missing, start=1):
+                image = generate(pipe, prompt, negative_prompt=negative_prompt, seed=seed + i, steps=steps,
+                                 guidance=guidance, size=size, autocast_dtype=autocast_dtype,
+                                 should_stop=should_stop)
+                tmp = paths[i].with_suffix(".tmp.png")
+                image.save(long_path(tmp))
+                os.replace(long_path(tmp), long_path(paths[i]))  # a killed run never leaves half an image
+                on_progress(done, len(missing))
     return paths
