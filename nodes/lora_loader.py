@@ -27,6 +27,8 @@ import torch
 from comfy_api.latest import io
 from typing_extensions import override
 
+from ..trainer.safetensors_file import SafetensorsFileError
+from ..trainer.safetensors_file import read_header as read_safetensors_header
 from .types import LoraFile, TrainedLora
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,13 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if hit is not None:
         _tensor_cache.move_to_end(sig)
         return hit
+    if path.suffix.lower() == ".safetensors":
+        # A half-written or half-downloaded LoRA: say so and name the input, before the library's
+        # own error (which names neither) or a partial read.
+        try:
+            read_safetensors_header(path)
+        except SafetensorsFileError as exc:
+            raise ValueError(f"lora_name: {exc}") from exc
     tensors = comfy.utils.load_torch_file(str(path), safe_load=True)
     for stale in [k for k in _tensor_cache if k[0] == sig[0]]:
         del _tensor_cache[stale]

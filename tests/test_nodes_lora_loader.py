@@ -260,6 +260,20 @@ def test_wrong_shapes_are_an_error(comfy_server: ComfyServer, loras: dict[str, s
     assert "Fix:" in message
 
 
+def test_a_half_written_lora_file_is_an_error_naming_the_input(comfy_server: ComfyServer,
+                                                               loras: dict[str, str]) -> None:
+    good = comfy_server.models_dir / "loras" / loras["good"]
+    name = f"test cut {uuid.uuid4().hex[:6]}.safetensors"
+    data = good.read_bytes()
+    (comfy_server.models_dir / "loras" / name).write_bytes(data[: len(data) * 3 // 4])
+    result = comfy_server.run_prompt(txt2img(f"cut_{uuid.uuid4().hex[:8]}", loader_inputs(name, 1.0, 1.0)),
+                                     timeout=300)
+    message = node_error(result)
+    assert message.startswith("lora_name: ") and name in message, message
+    assert "the download is incomplete" in message and "Download the file again" in message, message
+    assert not comfy_server.output_files(result, node_id="8")
+
+
 def test_partial_match_is_an_error(comfy_server: ComfyServer, loras: dict[str, str]) -> None:
     result = comfy_server.run_prompt(
         txt2img(f"partial_{uuid.uuid4().hex[:8]}", loader_inputs(loras["partial"], 1.0, 1.0)), timeout=300
