@@ -1,13 +1,24 @@
 #!/usr/bin/env python3
 """Developer entry point; needs only a bare `python3` (standard library) on a fresh clone.
 
-    python3 scripts/dev.py test [pytest args...]   lint with ruff, then run the test suite
+    python3 scripts/dev.py test [--legs LEG,...] [pytest args...]   run the test legs (default: all)
     python3 scripts/dev.py demo [demo args...]     run scripts/demo.py inside the test environment
-    python3 scripts/dev.py env                     set up the environment, print its python
+    python3 scripts/dev.py env [ENV]               set up an environment (default: main), print its python
 
-All commands first make sure `<repo>/.venv` exists and holds `requirements/test.txt`. The
-requirements are re-installed only when that file (or a file it includes with -r/-c) changes:
-a hash of them is kept in `.venv/.requirements-test.sha256`.
+Test legs, in the order they run (`.ci/run` runs them all):
+    lint            ruff, and vermin: the pack's code must run on Python 3.10
+    main            the whole suite, newest dependency set (.venv), ComfyUI 0.3.75
+    comfyui-0.33    the tests that run ComfyUI itself (pytest -m comfy) against ComfyUI 0.33.0 read
+                    in place from ../shared/comfyui-0.33.0 (.venv-comfyui-0.33); skipped with a
+                    notice where ../shared is absent
+    transformers4   the whole suite, oldest supported dependency set (.venv-tf4): transformers 4.x
+Arguments other than --legs go to every pytest leg. Each leg prints a header and a result line, and
+a summary closes the run; the exit code is non-zero if any leg failed (pytest collecting no tests
+counts as a failure).
+
+Every environment is a venv beside the repo built from its requirements file; the requirements
+are re-installed only when that file (or a file it includes with -r/-c) changes: a hash of them
+is kept in `<venv>/.requirements-<file name>.sha256` (for .venv: `.requirements-test.sha256`).
 """
 
 from __future__ import annotations
@@ -16,14 +27,22 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 import venv
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VENV_DIR = REPO_ROOT / ".venv"
-REQUIREMENTS = REPO_ROOT / "requirements" / "test.txt"
-STAMP = VENV_DIR / ".requirements-test.sha256"
+REQUIREMENTS_DIR = REPO_ROOT / "requirements"
 DEMO = REPO_ROOT / "scripts" / "demo.py"
+
+# Read in place, never copied into the project; the leg keeps every write out of it (see
+# tests/support/comfyui.py). CI provides ../shared; a clone without it skips that leg.
+SHARED_DIR = REPO_ROOT.parent / "shared"
+COMFYUI_033_DIR = SHARED_DIR / "comfyui-0.33.0"
+
+# What vermin checks: every Python file of the pack and its tooling, not the venvs or caches.
+VERMIN_PATHS = ("__init__.py", "nodes", "trainer", "scripts", "benchmarks", "tests")
 
 # Tests never reach the network (the hub is unreachable in CI, and a silent download would
 # hide a missing local file), and one BLAS thread per process: on a two-core runner the
@@ -41,7 +60,44 @@ TEST_ENV = {
 # Not PYTHONSAFEPATH: children inherit it, and ComfyUI's main.py and `python -m trainer` rely
 # on their own folder being on sys.path. tests/conftest.py drops the repo root instead.
 
-USAGE = __doc__.split("\n\n")[1] if __doc__ else ""
+USAGE = __doc__.split("\n\n", 1)[1] if __doc__ else ""
+
+
+@dataclass(frozen=True)
+class VenvSpec:
+    """A virtual environment beside the repo and the requirements it is built from."""
+
+    name: str
+    venv_dir: Path
+    requirements: Path
+    # Installed with --no-deps after `requirements`: packages whose own pins would pull in a
+    # different torch (torchaudio).
+    no_deps: Path | None = None
+
+    @property
+    def stamp(self) -> Path:
+        return self.venv_dir / f".requirements-{self.requirements.stem}.sha256"
+
+    @property
+    def python(self) -> Path:
+        return _venv_bin(self.venv_dir, "python")
+
+    def tool(self, name: str) -> Path:
+        return _venv_bin(self.venv_dir, name)
+
+
+ENVS = {
+    "main": VenvSpec("main", REPO_ROOT / ".venv", REQUIREMENTS_DIR / "test.txt"),
+    "transformers4": VenvSpec("transformers4", REPO_ROOT / ".venv-tf4",
+                             REQUIREMENTS_DIR / "test-transformers4.txt"),
+    "comfyui-0.33": VenvSpec("comfyui-0.33", REPO_ROOT / ".venv-comfyui-0.33",
+                            REQUIREMENTS_DIR / "test-comfyui-0.33.txt",
+                            REQUIREMENTS_DIR / "test-comfyui-0.33-nodeps.txt"),
+}
+
+
+class EnvError(RuntimeError):
+    """An environment could not be created or its requirements not installed."""
 
 
 def step(message: str) -> None:
@@ -49,10 +105,17 @@ def step(message: str) -> None:
     print(f"[dev] {message}", file=sys.stderr, flush=True)
 
 
-def venv_python() -> Path:
+def _venv_bin(venv_dir: Path, name: str) -> Path:
     if os.name == "nt":
-        return VENV_DIR / "Scripts" / "python.exe"
-    return VENV_DIR / "bin" / "python"
+        return venv_dir / "Scripts" / (name + ".exe")
+    return venv_dir / "bin" / name
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def requirements_hash(path: Path, seen: set[Path] | None = None) -> str:
@@ -70,81 +133,195 @@ def requirements_hash(path: Path, seen: set[Path] | None = None) -> str:
     return digest.hexdigest()
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, to_stderr: bool = False) -> int:
+def env_hash(env: VenvSpec) -> str:
+    if env.no_deps is None:
+        return requirements_hash(env.requirements)  # unchanged for .venv: no needless reinstall
+    digest = hashlib.sha256(requirements_hash(env.requirements).encode())
+    digest.update(b"\0--no-deps\0" + requirements_hash(env.no_deps).encode())
+    return digest.hexdigest()
+
+
+def run(cmd: list[str | Path], env: dict[str, str] | None = None, to_stderr: bool = False) -> int:
     try:
         stdout = sys.stderr if to_stderr else None
-        return subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=stdout, check=False).returncode
+        return subprocess.run([str(c) for c in cmd], cwd=REPO_ROOT, env=env, stdout=stdout,
+                              check=False).returncode
     except KeyboardInterrupt:
         return 130
 
 
-def ensure_venv() -> Path:
-    python = venv_python()
-    if not python.exists():
-        step(f"creating virtual environment {VENV_DIR}")
+def ensure_env(env: VenvSpec) -> Path:
+    """Create `env`'s venv if needed and install its requirements if they changed; return its python."""
+    for path in (env.requirements, env.no_deps):
+        if path is not None and not path.is_file():
+            raise EnvError(f"missing {_rel(path)} (needed for the {env.name} environment)")
+    if not env.python.exists():
+        step(f"creating virtual environment {_rel(env.venv_dir)}")
         try:
-            venv.EnvBuilder(with_pip=True, clear=VENV_DIR.exists()).create(VENV_DIR)
+            venv.EnvBuilder(with_pip=True, clear=env.venv_dir.exists()).create(env.venv_dir)
         except (OSError, subprocess.CalledProcessError) as err:
-            sys.exit(
-                f"[dev] could not create {VENV_DIR}: {err}\n"
+            raise EnvError(
+                f"could not create {env.venv_dir}: {err}\n"
                 "[dev] the venv module needs ensurepip; on Debian/Ubuntu: apt-get install python3-venv"
-            )
-    if not REQUIREMENTS.is_file():
-        sys.exit(f"[dev] missing {REQUIREMENTS.relative_to(REPO_ROOT)}")
-    wanted = requirements_hash(REQUIREMENTS)
-    have = STAMP.read_text(encoding="utf-8").strip() if STAMP.is_file() else ""
+            ) from err
+    wanted = env_hash(env)
+    have = env.stamp.read_text(encoding="utf-8").strip() if env.stamp.is_file() else ""
     if have == wanted:
-        step(f"requirements up to date ({REQUIREMENTS.relative_to(REPO_ROOT)})")
-        return python
-    step(f"installing {REQUIREMENTS.relative_to(REPO_ROOT)} into {VENV_DIR.name}")
-    code = run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-r", str(REQUIREMENTS)],
-               to_stderr=True)
+        step(f"requirements up to date ({_rel(env.requirements)} in {_rel(env.venv_dir)})")
+        return env.python
+    pip = [env.python, "-m", "pip", "install", "--disable-pip-version-check"]
+    t0 = time.monotonic()
+    step(f"installing {_rel(env.requirements)} into {_rel(env.venv_dir)}")
+    code = run([*pip, "-r", env.requirements], to_stderr=True)
+    if code == 0 and env.no_deps is not None:
+        step(f"installing {_rel(env.no_deps)} into {_rel(env.venv_dir)} without dependencies")
+        code = run([*pip, "--no-deps", "-r", env.no_deps], to_stderr=True)
     if code != 0:
-        sys.exit(f"[dev] pip install failed with exit code {code}")
-    STAMP.write_text(wanted + "\n", encoding="utf-8")
-    return python
+        raise EnvError(f"pip install into {_rel(env.venv_dir)} failed with exit code {code}")
+    env.stamp.write_text(wanted + "\n", encoding="utf-8")
+    step(f"{_rel(env.venv_dir)} ready in {time.monotonic() - t0:.0f} s")
+    return env.python
 
 
-def child_env(force: bool) -> dict[str, str]:
+def child_env(force: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     for key, value in TEST_ENV.items():
         if force:
             env[key] = value
         else:
             env.setdefault(key, value)
+    env.update(extra or {})
     return env
 
 
-def cmd_test(args: list[str]) -> int:
-    python = ensure_venv()
+# --------------------------------------------------------------------------- test legs
+
+
+@dataclass
+class LegResult:
+    status: str  # "passed" | "failed" | "skipped"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def _pytest(python: Path, args: list[str], env: dict[str, str]) -> LegResult:
+    step("pytest " + " ".join(args))
+    code = run([python, "-m", "pytest", *args], env)
+    if code == 0:
+        return LegResult("passed")
+    if code == 5:
+        return LegResult("failed", "pytest collected no tests (exit 5), treated as a failure")
+    return LegResult("failed", f"pytest exit code {code}")
+
+
+def leg_lint(pytest_args: list[str]) -> LegResult:
+    python = ensure_env(ENVS["main"])
     env = child_env(force=True)
     step("ruff check .")
-    lint = run([str(python), "-m", "ruff", "check", "."], env)
-    step("pytest " + " ".join(args))
-    code = run([str(python), "-m", "pytest", *args], env)
-    if code == 5:
-        step("pytest collected no tests: treating that as a failure")
-        return 5
-    if code == 0 and lint != 0:
-        step(f"tests passed but ruff reported problems (exit {lint})")
-        return 1
-    step(f"pytest exit code {code}" + ("" if lint == 0 else f", ruff exit code {lint}"))
-    return code
+    ruff = run([python, "-m", "ruff", "check", "."], env)
+    vermin_cmd = [ENVS["main"].tool("vermin"), "--target=3.10-", "--violations", "--eval-annotations",
+                  "--no-tips", *VERMIN_PATHS]
+    step(" ".join(["vermin", *map(str, vermin_cmd[1:])]))
+    vermin_code = run(vermin_cmd, env)
+    failed = [f"{tool} exit code {code}" for tool, code in (("ruff", ruff), ("vermin", vermin_code)) if code]
+    return LegResult("failed", ", ".join(failed)) if failed else LegResult("passed", "ruff and vermin clean")
+
+
+def leg_main(pytest_args: list[str]) -> LegResult:
+    return _pytest(ensure_env(ENVS["main"]), pytest_args, child_env(force=True))
+
+
+def leg_transformers4(pytest_args: list[str]) -> LegResult:
+    return _pytest(ensure_env(ENVS["transformers4"]), pytest_args, child_env(force=True))
+
+
+def _is_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def leg_comfyui_033(pytest_args: list[str]) -> LegResult:
+    if not (COMFYUI_033_DIR / "main.py").is_file():
+        if SHARED_DIR.is_dir() and _is_ci():
+            return LegResult("failed", f"CI is set and {SHARED_DIR} exists, but {COMFYUI_033_DIR} holds no "
+                                       "main.py: the ComfyUI 0.33.0 leg must run in CI")
+        return LegResult("skipped", f"{COMFYUI_033_DIR} not found (it comes with ../shared); "
+                                    "the real-server tests ran against ComfyUI 0.3.75 only")
+    python = ensure_env(ENVS["comfyui-0.33"])
+    env = child_env(force=True, extra={"COMFYUI_PATH": str(COMFYUI_033_DIR)})
+    # `-m comfy`: the tests that start a server or load files with ComfyUI's own code (nodes,
+    # example workflows, LoRA compatibility); the rest never touch ComfyUI, the main leg covers
+    # them. A later `-m` in the user's arguments overrides this one.
+    return _pytest(python, ["-m", "comfy", *pytest_args], env)
+
+
+LEGS = {
+    "lint": leg_lint,
+    "main": leg_main,
+    "comfyui-0.33": leg_comfyui_033,
+    "transformers4": leg_transformers4,
+}
+
+
+def parse_test_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Split `dev.py test` arguments into the legs to run and the arguments for pytest."""
+    legs: list[str] | None = None
+    rest: list[str] = []
+    it = iter(args)
+    for arg in it:
+        if arg == "--legs" or arg.startswith("--legs="):
+            value = arg.partition("=")[2] if "=" in arg else next(it, "")
+            names = [name.strip() for name in value.split(",") if name.strip()]
+            unknown = [name for name in names if name not in LEGS]
+            if not names or unknown:
+                sys.exit(f"[dev] --legs takes a comma-separated list of {', '.join(LEGS)}; "
+                         f"got {value!r}")
+            legs = (legs or []) + [name for name in names if name not in (legs or [])]
+        else:
+            rest.append(arg)
+    # Keep the documented order whatever order they were asked in: lint first fails fastest.
+    chosen = [name for name in LEGS if legs is None or name in legs]
+    return chosen, rest
+
+
+def cmd_test(args: list[str]) -> int:
+    legs, pytest_args = parse_test_args(args)
+    results: dict[str, LegResult] = {}
+    for name in legs:
+        print(f"\n{'=' * 30} leg {name} {'=' * 30}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            result = LEGS[name](pytest_args)
+        except EnvError as err:
+            result = LegResult("failed", str(err))
+        except KeyboardInterrupt:
+            result = LegResult("failed", "interrupted")
+        result.seconds = time.monotonic() - t0
+        results[name] = result
+        step(f"leg {name}: {result.status} in {result.seconds:.0f} s" + (f" ({result.detail})" if result.detail else ""))
+        if result.detail == "interrupted":
+            break
+    print(f"\n{'=' * 30} summary {'=' * 30}", file=sys.stderr, flush=True)
+    for name, result in results.items():
+        line = f"{name:<14} {result.status.upper():<8} {result.seconds:7.0f} s"
+        step(line + (f"  {result.detail}" if result.detail else ""))
+    failed = [name for name, result in results.items() if result.status == "failed"]
+    step(f"failed legs: {', '.join(failed)}" if failed else "all legs passed or were skipped")
+    return 1 if failed else 0
 
 
 def cmd_demo(args: list[str]) -> int:
     if not DEMO.is_file():
-        step(f"{DEMO.relative_to(REPO_ROOT)} does not exist yet; nothing to run")
+        step(f"{_rel(DEMO)} does not exist yet; nothing to run")
         return 2
-    python = ensure_venv()
-    step(f"{DEMO.relative_to(REPO_ROOT)} " + " ".join(args))
-    return run([str(python), str(DEMO), *args], child_env(force=False))
+    python = ensure_env(ENVS["main"])
+    step(f"{_rel(DEMO)} " + " ".join(args))
+    return run([python, DEMO, *args], child_env(force=False))
 
 
 def cmd_env(args: list[str]) -> int:
-    if args:
-        sys.exit(f"[dev] env takes no arguments, got: {' '.join(args)}")
-    print(ensure_venv())
+    if len(args) > 1 or (args and args[0] not in ENVS):
+        sys.exit(f"[dev] env takes at most one of {', '.join(ENVS)}, got: {' '.join(args)}")
+    print(ensure_env(ENVS[args[0] if args else "main"]))
     return 0
 
 
@@ -159,7 +336,10 @@ def main(argv: list[str]) -> int:
     if command is None:
         print(f"[dev] unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
-    return command(argv[1:])
+    try:
+        return command(argv[1:])
+    except EnvError as err:
+        sys.exit(f"[dev] {err}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,10 +65,30 @@ def pack() -> ModuleType:
     return paths.import_pack()
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    override = os.environ.get("COMFYUI_PATH")
+    if override:
+        return f"ComfyUI under test: {comfyui.comfyui_version(Path(override))} from COMFYUI_PATH={override}"
+    return f"ComfyUI under test: {comfyui.COMFYUI_VERSION} (cached copy; set COMFYUI_PATH for another tree)"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `-m comfy` selects the tests that run ComfyUI itself, which `scripts/dev.py` also runs against
+    # a second ComfyUI version: every test that needs the server is marked here, so a new
+    # real-server test cannot be left out; tests that run ComfyUI's loader code in a child process
+    # (the LoRA compatibility probes) carry the mark themselves. Asking for `comfyui_root` alone
+    # does not count: the tiny models are built with ComfyUI's classes once and cached.
+    for item in items:
+        if "comfy_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.comfy)
+
+
 @pytest.fixture(scope="session")
 def comfyui_root() -> Path:
-    """Root of the ComfyUI v0.3.75 tree (cached; or `COMFYUI_PATH`)."""
-    return comfyui.provision_comfyui()
+    """Root of the ComfyUI tree under test: the cached v0.3.75, or `COMFYUI_PATH` (read-only)."""
+    root = comfyui.provision_comfyui()
+    comfyui.keep_writes_out_of(root)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,7 @@ def lora_modules(path: Path) -> tuple[set[str], set[str]]:
     return {m for m in modules if m.startswith("lora_unet_")}, {m for m in modules if m.startswith("lora_te_")}
 
 
+@pytest.mark.comfy  # ComfyUI's own loader code, in a child process
 def test_every_module_is_patched_by_comfyui_loader(trained_lora: Path, tiny_checkpoint: Path,
                                                    comfyui_root: Path) -> None:
     proc = subprocess.run([sys.executable, str(PROBE), str(comfyui_root), str(tiny_checkpoint), str(trained_lora)],

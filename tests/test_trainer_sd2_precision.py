@@ -180,6 +180,7 @@ def test_sd2_lora_has_text_model_keys_and_v2_metadata(sd2_lora: Path) -> None:
     assert meta["dreambooth.prediction_type"] == "v_prediction"
 
 
+@pytest.mark.comfy
 def test_sd2_lora_patches_every_module_in_comfyui(sd2_lora: Path, sd2_checkpoint: Path, comfyui_root: Path) -> None:
     proc = subprocess.run([sys.executable, str(PROBE), str(comfyui_root), str(sd2_checkpoint), str(sd2_lora)],
                           capture_output=True, text=True, timeout=300, check=False, cwd=comfyui_root,
@@ -194,6 +195,7 @@ def test_sd2_lora_patches_every_module_in_comfyui(sd2_lora: Path, sd2_checkpoint
     assert report["clip_patched"] == len(modules - unet)
 
 
+@pytest.mark.comfy
 def test_comfyui_reads_the_tiny_file_as_sd2_and_agrees_on_v_prediction(
     sd2_checkpoint: Path, comfyui_root: Path, tmp_path: Path
 ) -> None:

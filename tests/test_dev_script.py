@@ -1,0 +1,126 @@
+"""scripts/dev.py: leg selection, the venv stamp mechanism, and when the ComfyUI 0.33.0 leg may skip.
+
+The environments here are stand-ins (a venv with an empty requirements file): the real ones hold
+torch and take minutes to build.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+DEV = Path(__file__).resolve().parents[1] / "scripts" / "dev.py"
+
+
+@pytest.fixture(scope="module")
+def dev() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("dreambooth_scripts_dev", DEV)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_all_legs_by_default_in_order_and_the_rest_goes_to_pytest(dev: ModuleType) -> None:
+    assert dev.parse_test_args([]) == (["lint", "main", "comfyui-0.33", "transformers4"], [])
+    assert dev.parse_test_args(["-k", "lora", "-x"]) == (list(dev.LEGS), ["-k", "lora", "-x"])
+    assert dev.parse_test_args(["--legs", "main,lint", "tests/test_data.py"]) == (
+        ["lint", "main"], ["tests/test_data.py"])
+    assert dev.parse_test_args(["-q", "--legs=comfyui-0.33"]) == (["comfyui-0.33"], ["-q"])
+    assert dev.parse_test_args(["--legs", "lint,"]) == (["lint"], [])
+
+
+@pytest.mark.parametrize("value", ["mian", "", ",", "lint,tf4"])
+def test_unknown_or_empty_leg_is_refused(dev: ModuleType, value: str) -> None:
+    with pytest.raises(SystemExit, match="--legs takes"):
+        dev.parse_test_args(["--legs", value])
+
+
+def test_venv_is_created_stamped_reused_and_refreshed_when_an_included_file_changes(
+    dev: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner = tmp_path / "inner.txt"
+    inner.write_text("# nothing to install yet\n", encoding="utf-8")
+    outer = tmp_path / "test-standin.txt"
+    outer.write_text("-r inner.txt\n", encoding="utf-8")
+    spec = dev.VenvSpec("standin", tmp_path / "venv dir", outer)
+    installs: list[list[str]] = []
+    real_run = dev.run
+
+    def counting_run(cmd: list[str | Path], env: dict[str, str] | None = None, to_stderr: bool = False) -> int:
+        if "install" in map(str, cmd):
+            installs.append([str(c) for c in cmd])
+        return real_run(cmd, env, to_stderr)
+
+    monkeypatch.setattr(dev, "run", counting_run)
+
+    python = dev.ensure_env(spec)
+    assert python == spec.python and python.is_file()
+    assert spec.stamp.name == ".requirements-test-standin.sha256"
+    assert spec.stamp.read_text(encoding="utf-8").strip() == dev.requirements_hash(outer)
+    assert len(installs) == 1
+
+    dev.ensure_env(spec)
+    assert len(installs) == 1, "an unchanged requirements set must not run pip again"
+
+    inner.write_text("# still nothing, but a different file\n", encoding="utf-8")
+    dev.ensure_env(spec)
+    assert len(installs) == 2, "a change in a -r included file must reinstall"
+    assert spec.stamp.read_text(encoding="utf-8").strip() == dev.requirements_hash(outer)
+
+
+def test_a_missing_requirements_file_fails_the_leg_not_the_run(dev: ModuleType, tmp_path: Path) -> None:
+    spec = dev.VenvSpec("standin", tmp_path / "venv", tmp_path / "test-transformers4.txt")
+    with pytest.raises(dev.EnvError, match="missing .*test-transformers4.txt"):
+        dev.ensure_env(spec)
+    assert not spec.venv_dir.exists()
+
+
+def test_the_comfyui_033_leg_skips_only_without_shared(dev: ModuleType, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    monkeypatch.setattr(dev, "SHARED_DIR", shared)
+    monkeypatch.setattr(dev, "COMFYUI_033_DIR", shared / "comfyui-0.33.0")
+
+    for ci in ("", "true"):
+        monkeypatch.setenv("CI", ci)
+        result = dev.leg_comfyui_033([])
+        assert result.status == "skipped" and "not found" in result.detail
+
+    shared.mkdir()
+    monkeypatch.setenv("CI", "true")
+    result = dev.leg_comfyui_033([])
+    assert result.status == "failed" and "must run in CI" in result.detail
+    monkeypatch.delenv("CI")
+    assert dev.leg_comfyui_033([]).status == "skipped"
+
+
+def test_pytest_collecting_nothing_fails_the_leg(dev: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    env = dict(os.environ)
+    result = dev._pytest(Path(sys.executable), [str(tmp_path / "empty"), "-q", "-p", "no:cacheprovider"], env)
+    assert result.status == "failed" and "exit 5" in result.detail
+
+
+def test_a_failing_leg_makes_the_run_fail_and_the_other_legs_still_run(dev: ModuleType) -> None:
+    # `dev.py test --legs ...` end to end in a child, with stand-in legs: the real ones take minutes.
+    code = (
+        "import sys, runpy, pathlib;"
+        f"mod = runpy.run_path({str(DEV)!r}, run_name='dev_child');"
+        "mod['LEGS']['main'] = lambda args: mod['LegResult']('failed', 'stand-in failure');"
+        "mod['LEGS']['comfyui-0.33'] = lambda args: mod['LegResult']('skipped', 'stand-in skip');"
+        "sys.exit(mod['main'](['test', '--legs', 'main,comfyui-0.33']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "leg main" in proc.stderr and "leg comfyui-0.33" in proc.stderr
+    summary = proc.stderr.split("summary", 1)[1]
+    assert "main" in summary and "FAILED" in summary and "SKIPPED" in summary
+    assert "failed legs: main" in summary
