@@ -210,7 +210,7 @@ def _pytest(python: Path, args: list[str], env: dict[str, str]) -> LegResult:
     if code == 0:
         return LegResult("passed")
     if code == 5:
-        return LegResult("failed", "pytest collected no tests (exit 5), treated as a failure")
+        return LegResult("failed", "pytest collected no tests (exit 5), treated as a failure; --legs picks the legs to run")
     return LegResult("failed", f"pytest exit code {code}")
 
 
@@ -245,7 +245,7 @@ def leg_comfyui_033(pytest_args: list[str]) -> LegResult:
             return LegResult("failed", f"CI is set and {SHARED_DIR} exists, but {COMFYUI_033_DIR} holds no "
                                        "main.py: the ComfyUI 0.33.0 leg must run in CI")
         return LegResult("skipped", f"{COMFYUI_033_DIR} not found (it comes with ../shared); "
-                                    "the real-server tests ran against ComfyUI 0.3.75 only")
+                                    "the real-server tests run against ComfyUI 0.3.75 only, in the main leg")
     python = ensure_env(ENVS["comfyui-0.33"])
     env = child_env(force=True, extra={"COMFYUI_PATH": str(COMFYUI_033_DIR)})
     # `-m comfy`: the tests that start a server or load files with ComfyUI's own code (nodes,
