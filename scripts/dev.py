@@ -284,6 +284,9 @@ def parse_test_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_test(args: list[str]) -> int:
+    if args in (["-h"], ["--help"]):
+        print(USAGE)  # pytest's own help: `dev.py test --legs main --help`
+        return 0
     legs, pytest_args = parse_test_args(args)
     results: dict[str, LegResult] = {}
     for name in legs:
