@@ -2,12 +2,13 @@
 
 A checkpoint is a folder ``checkpoints/step_000123`` written under a temporary name and renamed
 into place, so a run killed mid-save never leaves a checkpoint that looks complete. Tensors are
-safetensors; optimizer/scheduler state is read back with ``weights_only=True``.
+safetensors; optimizer/scheduler state is read back with ``weights_only=True``. Its ``state.json``
+records the training's identity (``identity.TrainingIdentity``): whether a checkpoint may continue a
+run is decided there, not here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from .fileio import FileInUseError, long_path, replace_with_retry
+from .identity import TrainingIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +31,20 @@ OPTIMIZER_FILE = "optimizer.pt"
 LORA_FILE = "lora.safetensors"
 
 
-def signature_hash(signature: dict[str, Any], dataset_fingerprint: str) -> str:
-    blob = json.dumps({"config": signature, "data": dataset_fingerprint}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 @dataclass
 class Checkpoint:
     path: Path
     step: int
     signature: str
+    identity: TrainingIdentity | None = None  # None: written by a version that did not record it
+    identity_error: str = ""  # why the recorded identity could not be read
+
+
+@dataclass
+class ResumeChoice:
+    checkpoint: Checkpoint | None
+    # Why the newest checkpoint(s) that were not taken cannot continue this training, for the user.
+    passed_over: list[tuple[Checkpoint, str]]
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -54,11 +60,30 @@ def list_checkpoints(output_dir: Path) -> list[Checkpoint]:
         state = child / STATE_FILE
         if child.is_dir() and child.name.startswith("step_") and state.is_file():
             try:
-                data = json.loads(state.read_text(encoding="utf-8"))
-                found.append(Checkpoint(child, int(data["step"]), str(data["signature"])))
-            except (OSError, ValueError, KeyError):
+                found.append(_read_state(child))
+            except (OSError, ValueError, KeyError, TypeError):
                 logger.warning("ignoring unreadable checkpoint %s", child)
     return sorted(found, key=lambda c: c.step)
+
+
+def _read_state(folder: Path) -> Checkpoint:
+    data = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    checkpoint = Checkpoint(folder, int(data["step"]), str(data.get("signature", "")))
+    if "identity" in data:
+        try:
+            checkpoint.identity = TrainingIdentity.from_dict(data["identity"])
+        except ValueError as exc:
+            checkpoint.identity_error = str(exc)
+    return checkpoint
+
+
+def resume_problem(checkpoint: Checkpoint, identity: TrainingIdentity) -> str | None:
+    """Why ``checkpoint`` cannot continue the training ``identity``; None when it can."""
+    if checkpoint.identity is None:
+        if checkpoint.identity_error:
+            return f"its record of what it trained cannot be read ({checkpoint.identity_error})"
+        return "it was saved by an older version of the trainer, which did not record what it trained"
+    return identity.resume_problem(checkpoint.identity, checkpoint.step)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -119,10 +144,11 @@ def save_checkpoint(output_dir: Path, *, step: int, signature: str, trainable: d
                     optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
                     lora_tensors: dict[str, torch.Tensor], lora_metadata: dict[str, str],
                     keep: int, data_position: dict[str, int], scaler_state: dict[str, Any] | None = None,
-                    rng_state: dict[str, Any] | None = None) -> Path:
+                    rng_state: dict[str, Any] | None = None, identity: TrainingIdentity | None = None) -> Path:
     """``data_position`` is informational (it follows from the step and the seed, which is what
     makes resume exact); it is recorded so a person can see where in the data the run was.
-    ``rng_state`` defaults to ``capture_rng_state()`` now."""
+    ``rng_state`` defaults to ``capture_rng_state()`` now. ``identity`` is what a later run compares
+    with to decide whether this checkpoint continues it; without it the checkpoint is never resumed."""
     from safetensors.torch import save_file
 
     root = checkpoint_root(output_dir)
@@ -137,12 +163,14 @@ def save_checkpoint(output_dir: Path, *, step: int, signature: str, trainable: d
         extra["grad_scaler"] = scaler_state
     torch.save(extra, long_path(tmp / OPTIMIZER_FILE))
     save_file(lora_tensors, long_path(tmp / LORA_FILE), metadata=lora_metadata)
-    state = {"step": step, "signature": signature, "data_position": data_position}
+    state: dict[str, Any] = {"step": step, "signature": signature, "data_position": data_position}
+    if identity is not None:
+        state["identity"] = identity.to_dict()
     Path(long_path(tmp / STATE_FILE)).write_text(json.dumps(state), encoding="utf-8")
     if final.exists():
         _move_aside(final, root / f".old_step_{step:06d}.{os.getpid()}.tmp")
     replace_with_retry(tmp, final)
-    _rotate(output_dir, keep)
+    _rotate(output_dir, keep, final, identity)
     return final
 
 
@@ -158,10 +186,22 @@ def _move_aside(folder: Path, trash: Path) -> None:
     shutil.rmtree(long_path(trash), ignore_errors=True)
 
 
-def _rotate(output_dir: Path, keep: int) -> None:
+def _rotate(output_dir: Path, keep: int, saved: Path, identity: TrainingIdentity | None) -> None:
+    """Keep the checkpoint just saved and the newest ``keep - 1`` others of the same training.
+
+    Checkpoints of other trainings in the folder (other settings, or a schedule laid out for another
+    step count) are not this run's to delete: going back to those settings still resumes. And the one
+    just saved never goes, even when a longer earlier run left checkpoints at higher steps.
+    """
     if keep <= 0:
         return
-    for old in list_checkpoints(output_dir)[:-keep]:
+    def same(c: Checkpoint) -> bool:
+        if identity is None or c.identity is None:
+            return identity is None and c.identity is None
+        return identity.same_trajectory(c.identity)
+
+    others = [c for c in list_checkpoints(output_dir) if c.path != saved and same(c)]
+    for old in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old.path, ignore_errors=True)
 
 
@@ -174,21 +214,30 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str,
     return int(state["step"]), trainable, extra
 
 
-def find_resume_checkpoint(output_dir: Path, resume: str, signature: str) -> Checkpoint | None:
-    """The checkpoint to continue from, or None. Raises ValueError for an explicit bad path."""
+def find_resume_checkpoint(output_dir: Path, resume: str, identity: TrainingIdentity) -> ResumeChoice:
+    """The newest checkpoint that continues the training ``identity`` (``resume`` 'auto'), the one
+    named by ``resume``, or none; with the reasons the newer ones were passed over.
+
+    Raises ValueError when an explicitly named checkpoint cannot be read or cannot continue it.
+    """
     if resume == "none":
-        return None
+        return ResumeChoice(None, [])
     if resume != "auto":
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
             raise ValueError(f"'{resume}' is not a checkpoint folder (no {STATE_FILE})")
-        data = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        if data.get("signature") != signature:
-            raise ValueError(f"checkpoint '{resume}' was trained with different settings or data")
-        return Checkpoint(path, int(data["step"]), signature)
-    matching = [c for c in list_checkpoints(output_dir) if c.signature == signature]
-    others = [c for c in list_checkpoints(output_dir) if c.signature != signature]
-    if others and not matching:
-        logger.warning("not resuming: the %d checkpoint(s) in %s were made with other settings or data",
-                       len(others), checkpoint_root(output_dir))
-    return matching[-1] if matching else None
+        try:
+            named = _read_state(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"checkpoint '{resume}' cannot be read ({exc})") from exc
+        problem = resume_problem(named, identity)
+        if problem:
+            raise ValueError(f"checkpoint '{resume}' cannot continue this training: {problem}")
+        return ResumeChoice(named, [])
+    passed_over: list[tuple[Checkpoint, str]] = []
+    for candidate in reversed(list_checkpoints(output_dir)):
+        problem = resume_problem(candidate, identity)
+        if problem is None:
+            return ResumeChoice(candidate, passed_over)
+        passed_over.append((candidate, problem))
+    return ResumeChoice(None, passed_over)

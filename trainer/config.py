@@ -32,6 +32,17 @@ LrSchedule = Literal[
 ]
 
 
+# Settings that do not change the trained weights. gradient_checkpointing, attention and cache_latents
+# compute the same training another way (a user who turns checkpointing on after running out of memory
+# must still resume and reuse); device is where it runs.
+NOT_IN_TRAINING_SIGNATURE = frozenset({
+    "validation_prompts", "validation_steps", "validation_seed", "validation_inference_steps",
+    "validation_guidance", "validation_negative_prompt", "output_path", "overwrite", "checkpointing_steps",
+    "checkpoints_total_limit", "resume", "cache_dir", "lora_name", "identifier", "metadata", "device",
+    "output_dir", "gradient_checkpointing", "attention", "cache_latents",
+})
+
+
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
@@ -136,10 +147,13 @@ class TrainConfig:
     output_path: str = _help("Final LoRA file (.safetensors). Default: <output_dir>/lora.safetensors.", default="")
     overwrite: bool = _help("Replace an existing output_path (otherwise that is an error).", default=False)
     checkpointing_steps: int = _help("Save a resumable checkpoint every N steps (0 disables).", default=0)
-    checkpoints_total_limit: int = _help("Keep only the newest K checkpoints (0 keeps all).", default=2)
+    checkpoints_total_limit: int = _help(
+        "Keep only the newest K checkpoints of this training (0 keeps all); checkpoints of other trainings "
+        "in output_dir are left alone.", default=2)
     resume: str = _help(
-        "'auto' resumes from the newest compatible checkpoint in output_dir, 'none' starts fresh, "
-        "or a checkpoint folder path.",
+        "'auto' continues from the newest checkpoint in output_dir that is this training (same base model "
+        "and images by content, same settings) at or below max_train_steps, and whose learning-rate "
+        "schedule allows it; 'none' starts fresh; or a checkpoint folder path.",
         default="auto",
     )
     cache_dir: str = _help(
@@ -243,12 +257,12 @@ class TrainConfig:
         return out
 
     def training_signature(self) -> dict[str, Any]:
-        """Settings that change what is trained; a checkpoint only resumes a run with the same ones."""
-        ignore = {"max_train_steps", "validation_prompts", "validation_steps", "validation_seed",
-                  "validation_inference_steps", "validation_guidance", "validation_negative_prompt",
-                  "output_path", "overwrite", "checkpointing_steps", "checkpoints_total_limit", "resume",
-                  "cache_dir", "lora_name", "identifier", "metadata", "device", "output_dir"}
-        return {k: v for k, v in self.to_dict().items() if k not in ignore}
+        """Settings that change what is trained, with the input paths (``identity`` replaces them by
+        content fingerprints) and without the step count (``identity`` keeps it apart: a checkpoint of a
+        shorter run can continue a longer one). Left out: where results go, what is logged or sampled,
+        and the memory/speed choices that compute the same training."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in NOT_IN_TRAINING_SIGNATURE and k != "max_train_steps"}
 
     @classmethod
     def help_text(cls) -> str:

@@ -39,7 +39,9 @@ from .fileio import sha256_file
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# GIF is read like every multi-frame format (animated PNG/WebP, multi-page TIFF): its first frame, with a
+# warning that says so.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
 # Files that normally sit beside training images and need no comment.
 _QUIET_EXTENSIONS: frozenset[str] = frozenset({".txt", ".json", ".caption", ".md", ".toml", ".yaml", ".yml"})
@@ -122,32 +124,95 @@ def _repeats_for(folder_name: str, folder: Path) -> int:
     return repeats
 
 
-def _probe_image(path: Path, role: str) -> None:
-    """Reject files whose name says image but whose content is not, before any training starts."""
+def _empty_file_error(path: Path) -> DataError | None:
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        return None  # the open that follows names the real problem
+    if not empty:
+        return None
+    return DataError(f"{path} is an empty file (0 bytes): the copy or download did not finish; copy the photo "
+                     "again, or remove it.", path)
+
+
+def _probe_image(path: Path, role: str) -> DataError | None:
+    """Why a file whose name says image is not one (checked before any training starts), or None."""
+    empty = _empty_file_error(path)
+    if empty is not None:
+        return empty
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path):
                 pass  # the header parsed: enough here; load_image does the full decode
     except Image.DecompressionBombError:
-        return  # a real image; load_image explains why it is refused
-    except UnidentifiedImageError as exc:
-        raise DataError(
+        return None  # a real image; load_image explains why it is refused
+    except UnidentifiedImageError:
+        return DataError(
             f"{path} has an image file name but is not an image that can be read; re-save it as JPEG or "
             f"PNG, or remove it from the {role} images folder.",
             path,
-        ) from exc
+        )
     except OSError as exc:
-        raise DataError(f"{path} cannot be read ({exc}); check that it exists and is readable.", path) from exc
+        return DataError(f"{path} cannot be read ({exc}); check that it exists and is readable.", path)
+    return None
 
 
-def scan_image_folder(folder: Path, *, role: str = "instance") -> list[ImageRecord]:
+@dataclass
+class FolderScan:
+    """What a folder holds: usable-looking images in training order, every file that is not usable
+    (each with its cause), and the files skipped because they are not images at all."""
+
+    folder: Path
+    role: str
+    records: list[ImageRecord]
+    problems: list[DataError]
+    skipped: list[str]  # paths relative to the folder, sorted
+
+    def skipped_message(self) -> str | None:
+        """One warning naming every skipped file, or None."""
+        if not self.skipped:
+            return None
+        shown = ", ".join(self.skipped[:10]) + (f" and {len(self.skipped) - 10} more" if len(self.skipped) > 10
+                                                 else "")
+        return (f"Ignoring {len(self.skipped)} file(s) in the {self.role} images folder {self.folder} that are not "
+                f"images (supported: {_SUPPORTED}): {shown}")
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise combine_errors(self.problems, self.folder, self.role)
+
+
+def combine_errors(errors: Sequence[DataError], folder: Path, role: str) -> DataError:
+    """One DataError that names every unusable file with its cause (one error is returned as it is)."""
+    if len(errors) == 1:
+        return errors[0]
+    ordered = sorted(errors, key=lambda e: str(e.path or ""))
+    listing = "\n".join(f"- {exc}" for exc in ordered)
+    return DataError(f"{len(errors)} images in the {role} images folder {folder} cannot be used; fix or remove "
+                     f"all of them:\n{listing}", folder)
+
+
+def scan_image_folder(folder: Path, *, role: str = "instance", limit: int | None = None) -> list[ImageRecord]:
     """All images under `folder`, sorted by relative path (same order on every OS and run).
 
     Top-level images get repeats 1; images in a first-level subfolder named "N_name" get repeats N;
     other subfolders are scanned with repeats 1. Captions come from a sidecar "<stem>.txt".
     Captions, JSON and hidden files are ignored silently; other unknown files with a warning.
+    Every file that is not a usable image is named in one DataError. ``limit``: only the first N images.
     """
+    scan = scan_folder(folder, role=role, limit=limit)
+    message = scan.skipped_message()
+    if message:
+        logger.warning("%s", message)
+    scan.raise_problems()
+    return scan.records
+
+
+def scan_folder(folder: Path, *, role: str = "instance", limit: int | None = None) -> FolderScan:
+    """Like ``scan_image_folder``, but per-file problems and skipped files are returned, not raised or
+    logged, so a caller can report them together with decoding problems. A missing folder or one
+    without any image file is still raised."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"The {role} images folder {folder} does not exist; check the path.", folder)
@@ -181,11 +246,6 @@ def scan_image_folder(folder: Path, *, role: str = "instance") -> list[ImageReco
             elif suffix not in _QUIET_EXTENSIONS:
                 unknown.append((rel_dir / name).as_posix())
 
-    if unknown:
-        unknown.sort()
-        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-        logger.warning("Ignoring %d file(s) in the %s images folder %s that are not images (supported: %s): %s",
-                       len(unknown), role, folder, _SUPPORTED, shown)
     if not found:
         raise DataError(
             f"The {role} images folder {folder} contains no images; supported: {_SUPPORTED}. "
@@ -194,11 +254,32 @@ def scan_image_folder(folder: Path, *, role: str = "instance") -> list[ImageReco
         )
 
     found.sort(key=lambda item: item[0])
-    records = []
+    if limit is not None:
+        found = found[:limit]
+    records: list[ImageRecord] = []
+    problems: list[DataError] = []
     for _rel, path, repeats in found:
-        _probe_image(path, role)
-        records.append(ImageRecord(path=path, caption=_read_caption(path), repeats=repeats))
-    return records
+        problem = _probe_image(path, role)
+        if problem is None:
+            try:
+                records.append(ImageRecord(path=path, caption=_read_caption(path), repeats=repeats))
+            except DataError as exc:
+                problem = exc
+        if problem is not None:
+            problems.append(problem)
+    return FolderScan(folder=folder, role=role, records=records, problems=problems, skipped=sorted(unknown))
+
+
+def read_images(scan: FolderScan, resolution: int, *, crop: str = "center",
+                background: tuple[int, int, int] = (255, 255, 255), seed: int = 0) -> list[PreparedImage]:
+    """Decode, crop and convert every image of ``scan``. Raises one DataError naming every unusable
+    file of the folder, from the scan (not an image, empty, unreadable caption) and from decoding
+    (truncated, corrupt, too large), so one run tells the user about all of them."""
+    prepared, errors = _prepare(scan.records, resolution, crop=crop, background=background, seed=seed)
+    problems = [*scan.problems, *errors]
+    if problems:
+        raise combine_errors(problems, scan.folder, scan.role)
+    return prepared
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -279,17 +360,30 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
 def load_image(path: Path, *, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Open and fully decode `path` to 8-bit RGB, upright per its EXIF orientation.
 
-    Transparent pixels are composited on `background`. Raises DataError for missing, unreadable,
-    truncated or oversized files.
+    Transparent pixels are composited on `background`. Raises DataError for missing, empty, unreadable,
+    truncated or oversized files. A multi-frame file (animated GIF/PNG/WebP) gives its first frame.
     """
-    path = Path(path)
+    image, notes = _load_image(Path(path), background)
+    for note in notes:
+        logger.warning("%s", note)
+    return image
+
+
+def _load_image(path: Path, background: tuple[int, int, int]) -> tuple[Image.Image, list[str]]:
+    """load_image's work; returns the image and warnings for the user (e.g. "only the first frame")."""
+    notes: list[str] = []
+    empty = _empty_file_error(path)
+    if empty is not None:
+        raise empty
     try:
         with _strict_decoding(), Image.open(path) as opened:
             # load() forces the full decode: Image.open only reads the header, so truncation would
             # otherwise surface later, inside the training loop.
             opened.load()
-            if getattr(opened, "n_frames", 1) > 1:
-                logger.info("%s has %d frames; using the first.", path, opened.n_frames)
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1:
+                notes.append(f"{path} is animated or has several frames ({frames}): only its first frame is "
+                             "trained; save the frame you want as PNG or JPEG to train another one.")
             try:
                 image = ImageOps.exif_transpose(opened)
             except Exception as exc:  # broken EXIF must not cost the user a photo
@@ -316,7 +410,7 @@ def load_image(path: Path, *, background: tuple[int, int, int] = (255, 255, 255)
             "re-copy or re-export the original photo, or remove it.",
             path,
         ) from exc
-    return rgb
+    return rgb, notes
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -390,28 +484,34 @@ def _size_warnings(path: Path, width: int, height: int, resolution: int) -> list
 def prepare_images(records: Sequence[ImageRecord], resolution: int, *, crop: str = "center",
                    background: tuple[int, int, int] = (255, 255, 255), seed: int = 0) -> list[PreparedImage]:
     """Load, crop and convert every record. All unreadable files are reported together in one DataError."""
-    rng = random.Random(seed) if crop == "random" else None
-    prepared: list[PreparedImage] = []
-    errors: list[DataError] = []
-    for record in records:
-        try:
-            image = load_image(record.path, background=background)
-        except DataError as exc:
-            errors.append(exc)
-            continue
-        width, height = image.size
-        notes = _size_warnings(record.path, width, height, resolution)
-        for note in notes:
-            logger.warning("%s", note)
-        square = resize_and_crop(image, resolution, crop=crop, rng=rng)
-        prepared.append(PreparedImage(record=record, pixels=image_to_tensor(square),
-                                      width=width, height=height, warnings=notes))
+    prepared, errors = _prepare(records, resolution, crop=crop, background=background, seed=seed)
     if len(errors) == 1:
         raise errors[0]
     if errors:
         listing = "\n".join(f"- {exc}" for exc in errors)
         raise DataError(f"{len(errors)} images cannot be used:\n{listing}", errors[0].path)
     return prepared
+
+
+def _prepare(records: Sequence[ImageRecord], resolution: int, *, crop: str, background: tuple[int, int, int],
+             seed: int) -> tuple[list[PreparedImage], list[DataError]]:
+    rng = random.Random(seed) if crop == "random" else None
+    prepared: list[PreparedImage] = []
+    errors: list[DataError] = []
+    for record in records:
+        try:
+            image, notes = _load_image(Path(record.path), background)
+        except DataError as exc:
+            errors.append(exc)
+            continue
+        width, height = image.size
+        notes += _size_warnings(record.path, width, height, resolution)
+        for note in notes:
+            logger.warning("%s", note)
+        square = resize_and_crop(image, resolution, crop=crop, rng=rng)
+        prepared.append(PreparedImage(record=record, pixels=image_to_tensor(square),
+                                      width=width, height=height, warnings=notes))
+    return prepared, errors
 
 
 # --------------------------------------------------------------------------------------------- ordering

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import fileio
+from .identity import METADATA_KEY, TrainingIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metad
 def metadata_signature(config: Any) -> dict[str, Any]:
     """The training signature as ``dreambooth.config`` stores it: user paths cut to their basenames.
 
-    A launcher compares a file's header with this to tell whether the LoRA is what a config would train.
+    For people and other tools to read. Whether a LoRA is what a config would train is decided by
+    ``dreambooth.identity`` (``identity.compare``), which uses contents, not names.
     """
     training = config.training_signature()
     for key in ("pretrained_model", "instance_data_dir", "class_data_dir"):
@@ -139,10 +141,13 @@ def metadata_signature(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(training))
 
 
-def lora_metadata(config: Any, base: Any, *, step: int, version: str) -> dict[str, str]:
+def lora_metadata(config: Any, base: Any, *, step: int, version: str,
+                  identity: TrainingIdentity | None = None) -> dict[str, str]:
     """Header metadata in the keys LoRA tools already read (kohya ``ss_*``, SAI ``modelspec.*``).
 
     Only basenames of user paths are written: a shared LoRA must not leak someone's folders.
+    ``identity`` is written as ``dreambooth.identity``: hashes and settings, no paths; the train node
+    reuses the file only when it matches.
     """
     arch = "stable-diffusion-v1" if base.family == "sd1" else "stable-diffusion-v2-768-v" if \
         base.prediction_type == "v_prediction" else "stable-diffusion-v2-512"
@@ -184,5 +189,7 @@ def lora_metadata(config: Any, base: Any, *, step: int, version: str) -> dict[st
         "dreambooth.text_encoder_target": config.text_encoder_target if config.train_text_encoder else "",
     }
     meta["dreambooth.config"] = json.dumps(metadata_signature(config), sort_keys=True)
+    if identity is not None:
+        meta[METADATA_KEY] = identity.to_json()
     meta.update({f"user.{k}": v for k, v in config.metadata.items()})
     return meta

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import __version__, checkpoint, data, lora, sampling
+from . import __version__, checkpoint, data, identity, lora, sampling
 from .config import ConfigError, TrainConfig
 from .fileio import long_path
 from .models import BaseModel, ModelSource, drop_vae_decoder
@@ -92,17 +92,46 @@ class TrainingRun:
         self.step = 0
 
     # --- set-up ------------------------------------------------------------------------------
+    def check_model(self) -> None:
+        """Open the base model before any photo is read: a wrong or half-downloaded file is reported
+        at once (header and size, ``safetensors_file``), not after scanning every photo."""
+        cfg = self.config
+        self.events.status(f"checking {Path(cfg.pretrained_model).name}")
+        self.source = ModelSource(cfg.pretrained_model, prediction_type=cfg.prediction_type,
+                                  cache_dir=Path(cfg.cache_dir))
+
     def load_data(self) -> None:
+        """Read every photo (instance, and the user's class images) before the model is loaded; all
+        unusable files of both folders are named in one error."""
         cfg = self.config
         self.events.status("reading instance images")
-        self.instance_records = data.scan_image_folder(Path(cfg.instance_data_dir), role="instance")
-        self.instance_prepared = data.prepare_images(self.instance_records, cfg.resolution, crop="center",
-                                                     background=cfg.background, seed=cfg.seed)
-        for item in self.instance_prepared:
+        scans = [data.scan_folder(Path(cfg.instance_data_dir), role="instance")]
+        if cfg.with_prior_preservation and cfg.class_data_dir:
+            scans.append(data.scan_folder(Path(cfg.class_data_dir), role="class", limit=cfg.num_class_images))
+        prepared: list[list[data.PreparedImage]] = []
+        problems: list[data.DataError] = []
+        for scan in scans:
+            skipped = scan.skipped_message()
+            if skipped:
+                self.events.status(skipped, level="warning")
+            try:
+                prepared.append(data.read_images(scan, cfg.resolution, crop="center", background=cfg.background,
+                                                 seed=cfg.seed))
+            except data.DataError as exc:
+                problems.append(exc)
+        if problems:
+            raise problems[0] if len(problems) == 1 else data.DataError(
+                "\n".join(str(p) for p in problems), problems[0].path)
+        self.instance_records = scans[0].records
+        self.instance_prepared = prepared[0]
+        self.user_class_records = scans[1].records if len(scans) > 1 else []
+        self.user_class_prepared = prepared[1] if len(scans) > 1 else []
+        for item in (*self.instance_prepared, *self.user_class_prepared):
             for warning in item.warnings:
                 self.events.status(warning, level="warning")
         self.epoch_list = data.expand_repeats(self.instance_records)
         self.fingerprint = data.dataset_fingerprint(self.instance_records)
+        self.class_fingerprint = data.dataset_fingerprint(self.user_class_records) if len(scans) > 1 else ""
         self.captions = [r.caption if (cfg.use_captions and r.caption) else cfg.instance_prompt
                          for r in self.instance_records]
         self.events.status(f"{len(self.instance_records)} instance images, {len(self.epoch_list)} per epoch")
@@ -119,7 +148,7 @@ class TrainingRun:
         """
         cfg = self.config
         self.events.status(f"loading {Path(cfg.pretrained_model).name}")
-        source = ModelSource(cfg.pretrained_model, prediction_type=cfg.prediction_type, cache_dir=Path(cfg.cache_dir))
+        source = self.source
         self.tokenizer = source.tokenizer()
         text_encoder: torch.nn.Module | None = source.text_encoder().to(self.device, dtype=self.runtime.weight_dtype)
         self.commands.check_stop()  # each component takes seconds to minutes: a stop need not wait for all
@@ -155,8 +184,7 @@ class TrainingRun:
         self.class_records: list[data.ImageRecord] = []
         if not cfg.with_prior_preservation:
             return
-        if cfg.class_data_dir:
-            self.class_records = data.scan_image_folder(Path(cfg.class_data_dir), role="class")[: cfg.num_class_images]
+        self.class_records = list(self.user_class_records)  # read and checked in load_data
         missing = cfg.num_class_images - len(self.class_records)
         if missing > 0:
             folder = sampling.class_cache_folder(
@@ -174,9 +202,12 @@ class TrainingRun:
                 negative_prompt=cfg.class_negative_prompt, seed=cfg.seed, steps=cfg.class_generation_steps,
                 guidance=cfg.class_generation_guidance, size=cfg.resolution,
                 autocast_dtype=self._autocast_dtype(), on_progress=progress, should_stop=self.commands.stop.is_set))
-            self.class_records += [data.ImageRecord(p, None, 1) for p in paths]
-        self.class_prepared = data.prepare_images(self.class_records, cfg.resolution, crop="center",
-                                                  background=cfg.background, seed=cfg.seed)
+            generated = [data.ImageRecord(p, None, 1) for p in paths]
+            self.class_records += generated
+        else:
+            generated = []
+        self.class_prepared = self.user_class_prepared + data.prepare_images(
+            generated, cfg.resolution, crop="center", background=cfg.background, seed=cfg.seed)
         if not cfg.validation_prompts:
             drop_vae_decoder(self.base.vae)  # the class images were its last use
             free_accelerator_memory()
@@ -274,13 +305,25 @@ class TrainingRun:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def signature(self) -> str:
-        return checkpoint.signature_hash(self.config.training_signature(), self.fingerprint)
+        return self.identity.key()
 
     def resume_if_possible(self) -> None:
+        """Continue from a checkpoint of this very training (``identity``), or say why not."""
+        cfg = self.config
+        self.identity = identity.build(cfg, base_model_sha256=self.base.sha256, instance_images=self.fingerprint,
+                                       class_images=self.class_fingerprint)
         try:
-            found = checkpoint.find_resume_checkpoint(self.output_dir, self.config.resume, self.signature())
+            choice = checkpoint.find_resume_checkpoint(self.output_dir, cfg.resume, self.identity)
         except ValueError as exc:
             raise ConfigError("resume", str(exc)) from exc
+        found = choice.checkpoint
+        if choice.passed_over:
+            newest, reason = choice.passed_over[0]
+            others = len(choice.passed_over) - 1
+            more = f" ({others} older checkpoint(s) cannot either)" if others else ""
+            start = f"continuing from {found.path.name} instead" if found else "training from step 0"
+            self.events.status(f"not resuming from {newest.path.name}: {reason}{more}; {start}", level="warning",
+                               resume_refused=newest.path.name)
         if found is None:
             return
         step, trainable, extra = checkpoint.load_checkpoint(found.path)
@@ -313,7 +356,8 @@ class TrainingRun:
                 optimizer_state=self.optimizer.state_dict(), scheduler_state=self.lr_scheduler.state_dict(),
                 lora_tensors=self._kohya(), lora_metadata=self._metadata(),
                 keep=self.config.checkpoints_total_limit, data_position=self.data_position(),
-                scaler_state=self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None)
+                scaler_state=self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+                identity=self.identity)
             self.events.emit("checkpoint", step=self.step, path=str(path), lora_path=str(path / checkpoint.LORA_FILE))
         self.accelerator.wait_for_everyone()
         return path
@@ -326,7 +370,8 @@ class TrainingRun:
         return {"epoch": epoch, "offset": offset, "images_seen": consumed}
 
     def _metadata(self) -> dict[str, str]:
-        return lora.lora_metadata(self.config, self.base, step=self.step, version=__version__)
+        return lora.lora_metadata(self.config, self.base, step=self.step, version=__version__,
+                                  identity=self.identity)
 
     def save_final_lora(self) -> Path:
         path = Path(self.config.output_path)
@@ -486,13 +531,15 @@ class TrainingRun:
 
     # --- the run -----------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Everything before the first step: data, model, class images, caches, LoRA, resume.
+        """Everything before the first step: model check, data, model, class images, caches, LoRA, resume.
 
         A stop command is honoured between phases: loading a real model or generating class images
         takes minutes, and a cancel must not wait for all of it.
         """
-        for phase in (self.load_data, self.load_model, self.prepare_class_images, self.build_caches,
-                      self.setup_lora, self.resume_if_possible):
+        # Checks before work, cheapest first: the config is valid already; then the model file's
+        # header and size, then every photo; only then is anything loaded.
+        for phase in (self.check_model, self.load_data, self.load_model, self.prepare_class_images,
+                      self.build_caches, self.setup_lora, self.resume_if_possible):
             self.commands.check_stop()
             phase()
         for model in self.trainable_models:
