@@ -120,18 +120,37 @@ def resolve_folder_path(text: str) -> tuple[Path, Path | None]:
     return path, None
 
 
-def check_records_inside(records: list[data.ImageRecord], root: Path | None) -> None:
+def outside_problems(records: list[data.ImageRecord], root: Path | None) -> list[data.DataError]:
     """A file symlinked from elsewhere must not smuggle a private photo into the LoRA or the preview."""
     if root is None:
-        return
+        return []
+    problems = []
     for record in records:
         real = Path(record.path).resolve()
         if not _inside(real, root):
-            raise data.DataError(
+            problems.append(data.DataError(
                 f"{record.path} is a link to {real}, outside ComfyUI's input folder {root}; copy the file "
                 f"itself into the folder (or let the server set {ALLOW_ANY_PATH_ENV}=1).",
                 Path(record.path),
-            )
+            ))
+    return problems
+
+
+def check_records_inside(records: list[data.ImageRecord], root: Path | None) -> None:
+    problems = outside_problems(records, root)
+    if problems:
+        raise problems[0]
+
+
+def scan_checked(folder: Path, root: Path | None, role: str = "instance") -> data.FolderScan:
+    """The folder's scan with links that lead out of ``root`` moved to its problems."""
+    found = data.scan_folder(folder, role=role)
+    outside = outside_problems(found.records, root)
+    if outside:
+        bad = {p.path for p in outside}
+        found.records = [r for r in found.records if Path(r.path) not in bad]
+        found.problems += outside
+    return found
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -328,8 +347,13 @@ class DreamBoothDataset(io.ComfyNode):
             path, root = images_to_folder(images), None
         else:
             path, root = _resolve_source(kind, value)
-        records = scan(path, root)
-        prepared = data.prepare_images(records, resolution, crop="center", seed=0)
+        found = scan_checked(path, root)
+        skipped = found.skipped_message()
+        if skipped:
+            logger.warning("%s", skipped)  # the trainer shows it on the train node as well
+        # Every unusable photo in one error (not one per queued prompt).
+        prepared = data.read_images(found, resolution, crop="center", seed=0)
+        records = found.records
         dataset = InstanceData(folder=path, instance_prompt=prompt, use_captions=use_captions,
                                resolution=resolution, crop=crop, fingerprint=data.dataset_fingerprint(records),
                                num_images=len(records))

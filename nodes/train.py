@@ -28,7 +28,7 @@ from comfy_api.latest import io
 from PIL import Image
 from typing_extensions import override
 
-from ..trainer import lora as lora_format
+from ..trainer import identity
 from ..trainer.config import ConfigError, TrainConfig
 from ..trainer.launcher import TrainerProcess, describe_exit
 from ..trainer.plots import render_loss_curve
@@ -168,40 +168,54 @@ def build_config(*, ckpt_path: Path, dataset: InstanceData, prior: PriorPreserva
 
 
 def read_lora_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
+    """The header metadata of a .safetensors LoRA, read strictly: a truncated file is an error here,
+    so a half-written LoRA is never taken for a finished training."""
+    from ..trainer.safetensors_file import read_header
 
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    return dict(read_header(path).metadata)
 
 
-def differences_from(path: Path, config: TrainConfig) -> list[str]:
-    """Why the LoRA at ``path`` is not what ``config`` would train ([] when it is)."""
+def differences_from(path: Path, config: TrainConfig, *, instance_images: str) -> list[str]:
+    """Why the LoRA at ``path`` is not what ``config`` would train ([] when it is).
+
+    The engine's training identity decides (``trainer.identity``, the same one the trainer resumes by):
+    contents of the base model and photos, the settings that change the weights, the step count.
+    ``instance_images`` is the dataset node's fingerprint of the photos.
+    """
     try:
         meta = read_lora_metadata(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable header means "not ours to reuse"
         return [f"its header cannot be read ({exc})"]
-    if "dreambooth.config" not in meta:
-        return ["it was not made by the DreamBooth train node (no dreambooth.config in its header)"]
+    if identity.METADATA_KEY not in meta:
+        return [f"it was not trained by this version of the DreamBooth train node (no {identity.METADATA_KEY} in "
+                "its header), so it cannot be shown to be this training"]
     try:
-        stored = json.loads(meta["dreambooth.config"])
-    except json.JSONDecodeError:
-        return ["its dreambooth.config header is not valid JSON"]
-    expected = lora_format.metadata_signature(config)
-    diffs = [f"{key}: {stored.get(key)!r} in the file, {expected.get(key)!r} now"
-             for key in sorted(set(stored) | set(expected)) if stored.get(key) != expected.get(key)]
-    if meta.get("ss_max_train_steps") != str(config.max_train_steps):
-        diffs.append(f"steps: {meta.get('ss_max_train_steps')} in the file, {config.max_train_steps} now")
-    for key, what in (("dataset_fingerprint", "the training images or captions"),
-                      ("class_fingerprint", "the class images")):
-        if meta.get(f"user.{key}", "") != config.metadata.get(key, ""):
-            diffs.append(f"{what} changed")
-    if not diffs:
-        from ..trainer.models import file_sha256  # memoised by the trainer in the shared cache
+        stored = identity.TrainingIdentity.from_json(meta[identity.METADATA_KEY])
+    except ValueError as exc:
+        return [f"its {identity.METADATA_KEY} header cannot be read ({exc})"]
+    widget_names = {key: widget for widget, key in _CONFIG_KEYS.items()}
+    found = [d.describe("in the file", widget_names)
+             for d in identity.compare(stored, config, instance_images=instance_images)]
+    if meta.get("ss_steps") != str(stored.steps):
+        found.append(f"it holds step {meta.get('ss_steps')} of a {stored.steps}-step training (a checkpoint's "
+                     "LoRA, not a finished one)")
+    return found
 
-        sha = file_sha256(Path(config.pretrained_model), Path(config.cache_dir))
-        if meta.get("dreambooth.base_model_sha256") != sha:
-            diffs.append("the base model file has other contents than the one it was trained on")
-    return diffs
+
+def checkpoint_file_problem(path: Path) -> str | None:
+    """Why a .safetensors checkpoint cannot be trained on (header and size checked), or None.
+
+    Cheap (the header only), so the prompt is refused before the dataset node reads any photo.
+    """
+    if path.suffix.lower() != ".safetensors":
+        return None  # .ckpt files are only checked by loading them, in the trainer
+    from ..trainer.models import read_state_dict
+
+    try:
+        read_state_dict(path)
+    except ConfigError as exc:
+        return str(exc).removeprefix(f"config '{exc.key}': ")
+    return None
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -359,9 +373,15 @@ class DreamBoothTrain(io.ComfyNode):
         # One parameter only: core files a failure under every input named here, and skips its own
         # min/max checks for them. lora_name is checked at the start of execute(), before any work.
         # None: the input is linked, so its value is only known when the prompt runs.
-        if ckpt_name is not None and folder_paths.get_full_path("checkpoints", ckpt_name) is None:
+        if ckpt_name is None:
+            return True
+        full = folder_paths.get_full_path("checkpoints", ckpt_name)
+        if full is None:
             return (f"checkpoint {ckpt_name!r} is not in models/checkpoints; put it there and refresh the page, "
                     "or pick another one.")
+        problem = checkpoint_file_problem(Path(full))
+        if problem:
+            return f"checkpoint {ckpt_name!r} cannot be trained on: {problem}"
         return True
 
     @classmethod
@@ -404,7 +424,7 @@ class DreamBoothTrain(io.ComfyNode):
                               settings=settings)
 
         if lora_path.is_file():
-            diffs = differences_from(lora_path, config)
+            diffs = differences_from(lora_path, config, instance_images=dataset.fingerprint)
             if not diffs:
                 relay.status(f"{lora_path.name} already holds this training (same settings, images and base "
                              "model): returned without training", reused=True)

@@ -256,6 +256,45 @@ def test_other_settings_need_overwrite(comfy_server: ComfyServer, trained: dict[
     assert not [e for e in train_events(result) if e["type"] == "hello"]
 
 
+def test_moving_the_photo_folder_keeps_the_trained_lora(comfy_server: ComfyServer) -> None:
+    """Reuse is decided by the engine's training identity: contents, not folder names."""
+    tag = uuid.uuid4().hex[:6]
+    folder = add_photos(comfy_server, f"before move {tag}", count=2)
+    name = f"test_moved_{tag}"
+    comfy_server.run_prompt(train_prompt(folder, name, steps=2), timeout=300).raise_for_status()
+    lora = comfy_server.models_dir / "loras" / f"{name}.safetensors"
+    written = lora.stat().st_mtime_ns
+
+    moved = f"renamed after training {tag}"
+    (comfy_server.input_dir / folder).rename(comfy_server.input_dir / moved)
+    again = comfy_server.run_prompt(train_prompt(moved, name, steps=2), timeout=120)
+    again.raise_for_status()
+    events = train_events(again)
+    assert not [e for e in events if e["type"] == "hello"], f"a trainer was started again: {events}"
+    assert any(e.get("reused") for e in events if e["type"] == "status"), events
+    assert lora.stat().st_mtime_ns == written
+
+    fewer = comfy_server.run_prompt(train_prompt(moved, name, steps=1), timeout=120)
+    message = node_error(fewer, "2")
+    assert "steps: 2 in the file, 1 now" in message and "overwrite" in message, message
+
+
+def test_a_half_downloaded_checkpoint_is_refused_before_any_photo_is_read(comfy_server: ComfyServer,
+                                                                          tiny_checkpoint: Path) -> None:
+    tag = uuid.uuid4().hex[:6]
+    with tiny_checkpoint.open("rb") as fh:
+        head = fh.read(4 << 20)
+    ckpt = f"half_{tag}.safetensors"
+    (comfy_server.models_dir / "checkpoints" / ckpt).write_bytes(head)
+    folder = add_photos(comfy_server, f"never read {tag}", count=1)
+    prompt = train_prompt(folder, f"test_half_{tag}", steps=2, ckpt_name=ckpt)
+    del prompt["3"]  # an output that does not need the train node would let the prompt run partly
+    with pytest.raises(PromptRejected) as excinfo:
+        comfy_server.queue_prompt(prompt)
+    message = rejection(excinfo, "2")
+    assert ckpt in message and "cannot be trained on" in message and "the download is incomplete" in message
+
+
 # --------------------------------------------------------------------------------------------- stop, resume, kill
 
 
