@@ -159,8 +159,9 @@ def scan_checked(folder: Path, root: Path | None, role: str = "instance") -> dat
 def images_to_folder(images: torch.Tensor) -> Path:
     """Write an IMAGE batch as PNGs into temp/dreambooth_images/<content hash>/ and return that folder.
 
-    The name comes from the pixels, so the same images always give the same folder: the trainer's
-    resume check includes the folder, and a restarted server (which empties temp/) rewrites it as it was.
+    The name comes from the pixels, so the same images always give the same folder, and a restarted
+    server (which empties temp/) rewrites it as it was. (Resume and reuse compare the files' contents,
+    not the folder, so this is about not piling up copies.)
     """
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise ValueError(f"images must be an IMAGE batch (B, H, W, C), got shape {tuple(images.shape)}")

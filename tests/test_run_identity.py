@@ -190,3 +190,34 @@ def test_a_named_checkpoint_that_cannot_continue_is_a_config_error(tiny_checkpoi
         run_events(make_config(tiny_checkpoint, photos, tmp_path / "other", max_train_steps=2,
                                resume=str(out / "checkpoints" / "step_000003")))
     assert err.value.key == "resume"
+
+
+# --- checkpoints of other trainings in the same folder ---------------------------------------------
+def test_rotation_keeps_the_checkpoint_just_saved_and_other_trainings(tmp_path: Path) -> None:
+    from comfyui_dreambooth_lora.trainer import checkpoint
+
+    def save(step: int, who: identity.TrainingIdentity) -> Path:
+        param = torch.nn.Parameter(torch.zeros(2))
+        optimizer = torch.optim.AdamW([param])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        return checkpoint.save_checkpoint(
+            tmp_path, step=step, signature=who.key(), trainable={"w": param.detach()},
+            optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+            lora_tensors={"x": torch.zeros(1)}, lora_metadata={}, keep=2, data_position={}, identity=who)
+
+    def kept() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+    long_cosine = ident(lr_scheduler="cosine", max_train_steps=500)
+    for step in (300, 400, 500):
+        save(step, long_cosine)
+    assert kept() == ["step_000400", "step_000500"]
+    short_cosine = ident(lr_scheduler="cosine", max_train_steps=250)
+    save(100, short_cosine)  # a lower step than the other run's: still the newest of its own training
+    assert kept() == ["step_000100", "step_000400", "step_000500"]
+    save(200, short_cosine)
+    assert kept() == ["step_000100", "step_000200", "step_000400", "step_000500"]
+    save(250, short_cosine)
+    assert kept() == ["step_000200", "step_000250", "step_000400", "step_000500"]
+    choice = checkpoint.find_resume_checkpoint(tmp_path, "auto", long_cosine)
+    assert choice.checkpoint is not None and choice.checkpoint.step == 500

@@ -195,6 +195,7 @@ def _rotate(output_dir: Path, keep: int, saved: Path, identity: TrainingIdentity
     """
     if keep <= 0:
         return
+
     def same(c: Checkpoint) -> bool:
         if identity is None or c.identity is None:
             return identity is None and c.identity is None
