@@ -221,3 +221,25 @@ def test_rotation_keeps_the_checkpoint_just_saved_and_other_trainings(tmp_path: 
     assert kept() == ["step_000200", "step_000250", "step_000400", "step_000500"]
     choice = checkpoint.find_resume_checkpoint(tmp_path, "auto", long_cosine)
     assert choice.checkpoint is not None and choice.checkpoint.step == 500
+
+
+def test_the_node_side_comparison_agrees_with_what_the_trainer_stored(tiny_checkpoint: Path, photos: Path,
+                                                                       tmp_path: Path) -> None:
+    """identity.compare (the node's reuse check) against a LoRA the trainer wrote, class folder included."""
+    class_folder = copy_photos(tmp_path / "other dogs", count=3)
+    config = make_config(tiny_checkpoint, photos, tmp_path / "run", max_train_steps=1, with_prior_preservation=True,
+                         class_prompt="a photo of dog", class_data_dir=str(class_folder), num_class_images=2)
+    result, _ = run_events(config)
+    stored = identity.TrainingIdentity.from_json(lora_meta(result.lora_path)[identity.METADATA_KEY])
+    assert stored.class_images and stored.class_images != stored.instance_images
+    assert identity.compare(stored, config) == []
+    # Only the first num_class_images class images are read: a third one changing is the same training.
+    extra = sorted(class_folder.glob("*.jpg"))[-1]
+    extra.write_bytes(extra.read_bytes()[:-10] + b"0123456789")
+    assert identity.compare(stored, config) == []
+    first = sorted(class_folder.glob("*.jpg"))[0]
+    shutil.copy(extra, first)
+    assert [d.key for d in identity.compare(stored, config)] == ["class_images"]
+    longer = make_config(tiny_checkpoint, photos, tmp_path / "run", max_train_steps=2, with_prior_preservation=True,
+                         class_prompt="a photo of dog", class_data_dir=str(class_folder), num_class_images=2)
+    assert [d.key for d in identity.compare(stored, longer)] == ["class_images", "max_train_steps"]
