@@ -83,7 +83,9 @@ def generate(pipe: Any, prompt: str, *, negative_prompt: str, seed: int, steps: 
             return kwargs
 
         extra["callback_on_step_end"] = _check
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=enabled):
+    # No autocast object at all when off: older torch builds reject device types such as "mps".
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if enabled else contextlib.nullcontext()
+    with autocast:
         result = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
                       guidance_scale=guidance, generator=generator, height=size, width=size, output_type="pil",
                       **extra)
