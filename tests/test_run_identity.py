@@ -20,32 +20,18 @@ import torch
 from comfyui_dreambooth_lora.trainer import identity, protocol
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig
 from comfyui_dreambooth_lora.trainer.run import train
-from dreambooth_test_support.paths import DREAMBENCH_DIR
+from dreambooth_test_support.training import copy_dog_photos, tiny_run_values
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 
-def copy_photos(folder: Path, count: int = 3) -> Path:
-    folder.mkdir(parents=True)
-    for jpg in sorted((DREAMBENCH_DIR / "dog").glob("*.jpg"))[:count]:
-        shutil.copy(jpg, folder / jpg.name)
-    return folder
-
-
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
-    return copy_photos(tmp_path / "dog photos")
+    return copy_dog_photos(tmp_path / "dog photos")
 
 
 def make_config(ckpt: Path, photos: Path, out: Path, **overrides: Any) -> TrainConfig:
-    values: dict[str, Any] = {
-        "pretrained_model": str(ckpt), "instance_data_dir": str(photos),
-        "instance_prompt": "a photo of qzx dog", "output_dir": str(out), "resolution": 64,
-        "max_train_steps": 3, "rank": 4, "alpha": 2, "train_text_encoder": False,
-        "cache_dir": str(out.parent / "shared-cache"), "save_precision": "fp32",
-    }
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(tiny_run_values(ckpt, photos, out, **overrides))
 
 
 def run_events(config: TrainConfig) -> tuple[Any, list[dict[str, Any]]]:
@@ -158,7 +144,7 @@ def _link_or_copy(source: Path, target: Path) -> Path:
 
 
 def test_moving_photos_and_model_keeps_resume(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    photos = copy_photos(tmp_path / "photos A")
+    photos = copy_dog_photos(tmp_path / "photos A")
     model = _link_or_copy(tiny_checkpoint, tmp_path / "model A.safetensors")
     out = tmp_path / "run"
     first, _ = run_events(make_config(model, photos, out, max_train_steps=2))
@@ -226,7 +212,7 @@ def test_rotation_keeps_the_checkpoint_just_saved_and_other_trainings(tmp_path: 
 def test_the_node_side_comparison_agrees_with_what_the_trainer_stored(tiny_checkpoint: Path, photos: Path,
                                                                        tmp_path: Path) -> None:
     """identity.compare (the node's reuse check) against a LoRA the trainer wrote, class folder included."""
-    class_folder = copy_photos(tmp_path / "other dogs", count=3)
+    class_folder = copy_dog_photos(tmp_path / "other dogs", count=3)
     config = make_config(tiny_checkpoint, photos, tmp_path / "run", max_train_steps=1, with_prior_preservation=True,
                          class_prompt="a photo of dog", class_data_dir=str(class_folder), num_class_images=2)
     result, _ = run_events(config)

@@ -12,7 +12,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,8 @@ import pytest
 import torch
 from comfyui_dreambooth_lora.trainer import data, fileio, lora, protocol
 from comfyui_dreambooth_lora.trainer.config import TrainConfig
-from dreambooth_test_support.paths import DREAMBENCH_DIR, child_env
+from dreambooth_test_support.paths import child_env
+from dreambooth_test_support.training import copy_dog_photos
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -229,12 +229,7 @@ def test_check_stop_raises_and_leaves_the_flag_for_the_loop() -> None:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = DREAMBENCH_DIR / "dog"
-    assert src.is_dir(), f"missing {src}: the DreamBench photos must sit beside the repo in shared/"
-    folder = tmp_path_factory.mktemp("dog photos")
-    for jpg in sorted(src.glob("*.jpg"))[:3]:
-        shutil.copy(jpg, folder / jpg.name)
-    return folder
+    return copy_dog_photos(tmp_path_factory.mktemp("dog photos"))
 
 
 def _spawn(values: dict[str, Any], tmp_path: Path) -> subprocess.Popen[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -20,34 +19,21 @@ import torch
 from comfyui_dreambooth_lora.trainer import protocol
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig
 from comfyui_dreambooth_lora.trainer.run import TrainingRun, train
-from dreambooth_test_support.paths import DREAMBENCH_DIR
+from dreambooth_test_support.training import copy_dog_photos, tiny_run_values
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-DREAMBENCH = DREAMBENCH_DIR
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three real DreamBench dog photos, read in place (copied only into a temp folder)."""
-    src = DREAMBENCH / "dog"
-    assert src.is_dir(), f"missing {src}: the DreamBench photos are part of the repository (tests/assets)"
-    folder = tmp_path_factory.mktemp("dog photos")
-    for jpg in sorted(src.glob("*.jpg"))[:3]:
-        shutil.copy(jpg, folder / jpg.name)
-    return folder
+    return copy_dog_photos(tmp_path_factory.mktemp("dog photos"))
 
 
 def make_config(ckpt: Path, photos: Path, out: Path, **overrides: Any) -> TrainConfig:
-    values: dict[str, Any] = {
-        "pretrained_model": str(ckpt), "instance_data_dir": str(photos),
-        "instance_prompt": "a photo of qzx dog", "output_dir": str(out), "resolution": 64,
-        "max_train_steps": 3, "rank": 4, "alpha": 2, "train_text_encoder": False,
-        "cache_dir": str(out.parent / "shared-cache"), "save_precision": "fp32",
-    }
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(tiny_run_values(ckpt, photos, out, **overrides))
 
 
 def run_events(config: TrainConfig, commands: protocol.Commands | None = None) -> tuple[Any, list[dict]]:
