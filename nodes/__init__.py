@@ -13,6 +13,7 @@ _NODE_MODULES = (
     "dataset",
     "identifier",
     "train",
+    "options",
     "lora_loader",
     "controlnet",
 )
@@ -27,4 +28,5 @@ class DreamBoothExtension(ComfyExtension):
             node_list.extend(module.NODES)
         # ComfyUI 0.3.x does not call on_load; the node list is asked for once, at start-up.
         importlib.import_module(".train", __name__).register_server_hooks()
+        importlib.import_module(".live_view", __name__).register_routes()
         return node_list

@@ -406,9 +406,9 @@ class DreamBoothTrain(io.ComfyNode):
                 checkpointing_steps: int, validation_prompts: str, validation_steps: int, overwrite: bool,
                 prior: PriorPreservation | None = None) -> io.NodeOutput:
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        relay = UiRelay(node_id)
         ckpt_path = Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
         rel_name = sanitize_lora_name(lora_name)
+        relay = UiRelay(node_id, run_name=rel_name)
         lora_path = _inside(loras_root() / f"{rel_name}.safetensors", loras_root())
         run_dir = _inside(runs_root() / rel_name, runs_root())
         settings = {

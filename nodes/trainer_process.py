@@ -53,8 +53,9 @@ WARM_TRAINERS = WarmTrainerPool(_warm_idle_s())
 class UiRelay:
     """Sends ``{"node", "prompt_id", "event"}`` messages to the browser that queued the prompt."""
 
-    def __init__(self, node_id: str | None) -> None:
+    def __init__(self, node_id: str | None, run_name: str | None = None) -> None:
         self.node_id = node_id
+        self.run_name = run_name  # the LoRA name: tells this node's runs from another workflow's node of the same id
 
     def send(self, event: dict[str, Any]) -> None:
         try:

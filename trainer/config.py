@@ -104,6 +104,12 @@ class TrainConfig:
         default="attn",
     )
     lora_dropout: float = _help("Dropout inside LoRA layers.", default=0.0)
+    init_lora: str = _help(
+        "Optional LoRA file (.safetensors, e.g. an earlier training of this subject) whose weights the new "
+        "LoRA starts from instead of zero; its ranks and layers must match rank, text_encoder_rank, "
+        "unet_target and text_encoder_target. Empty: start from zero.",
+        default="",
+    )
     # --- optimisation ------------------------------------------------------------------------
     max_train_steps: int = _help("Optimizer steps to train.", default=500)
     learning_rate: float = _help("UNet LoRA learning rate.", default=1e-4)
