@@ -6,6 +6,7 @@ process boundary is the point (exit codes, stdin commands, stdout hygiene, accel
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -306,10 +307,41 @@ def test_data_errors_exit_with_data_code_naming_the_folder(tiny_checkpoint: Path
 
 def test_oom_is_reported_with_concrete_advice() -> None:
     from comfyui_dreambooth_lora.trainer.__main__ import _error_kind
+    from comfyui_dreambooth_lora.trainer.runtime import OOM_SETTINGS, oom_advice
 
     kind, message, advice = _error_kind(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert kind == "oom" and "Tried to allocate" in message
-    assert "gradient_checkpointing" in advice and "train_batch_size" in advice
+    assert advice.startswith("Out of GPU memory. Try, in this order: turn gradient_checkpointing on;")
+    assert "lower train_batch_size to 1 and raise gradient_accumulation_steps instead" in advice
+    assert advice.endswith("close other programs using the GPU.")
+    shown = oom_advice(display=lambda key: key.replace("_", " ").upper())
+    assert "turn GRADIENT CHECKPOINTING on" in shown and "set OPTIMIZER to adamw8bit" in shown
+    assert "gradient_checkpointing" not in shown
+    assert set(OOM_SETTINGS) <= {f.name for f in dataclasses.fields(TrainConfig)}  # every one a real setting
+
+
+def test_oom_error_event_names_the_settings_in_the_order_of_the_advice(tmp_path: Path) -> None:
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"pretrained_model": "m.safetensors", "instance_data_dir": "photos",
+                                  "instance_prompt": "a photo of qzx dog", "output_dir": str(tmp_path / "out")}),
+                      encoding="utf-8")
+    # A real GPU out-of-memory cannot happen on a CPU test machine: the run raises the error torch raises.
+    code = (
+        "import sys, torch, trainer.run\n"
+        "def train(*args, **kwargs):\n"
+        "    raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB')\n"
+        "trainer.run.train = train\n"
+        "from trainer.__main__ import main\n"
+        f"sys.exit(main(['--config', {str(config)!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == protocol.EXIT_OOM, proc.stderr
+    error = [json.loads(line) for line in proc.stdout.splitlines()][-1]
+    assert error["type"] == "error" and error["kind"] == "oom"
+    assert error["settings"] == ["gradient_checkpointing", "mixed_precision", "cache_latents", "train_batch_size",
+                                 "gradient_accumulation_steps", "optimizer", "train_text_encoder", "resolution"]
+    positions = [error["advice"].index(key) for key in error["settings"]]
+    assert positions == sorted(positions)
 
 
 @pytest.mark.slow

@@ -57,14 +57,14 @@ def _parser() -> argparse.ArgumentParser:
 def _error_kind(exc: BaseException) -> tuple[str, str, str]:
     """(kind, message, advice) for an exception that ended the run."""
     from .data import DataError
-    from .runtime import OOM_ADVICE, is_out_of_memory
+    from .runtime import is_out_of_memory, oom_advice
 
     if isinstance(exc, ConfigError):
         return "config", str(exc), ""
     if isinstance(exc, DataError):
         return "data", str(exc), ""
     if is_out_of_memory(exc):
-        return "oom", str(exc).splitlines()[0], OOM_ADVICE
+        return "oom", str(exc).splitlines()[0], oom_advice()
     if isinstance(exc, FileExistsError):
         return "config", f"refusing to overwrite {exc.filename}: set overwrite or choose another name", ""
     return "internal", f"{exc.__class__.__name__}: {exc}", "see the trainer log (stderr) for the traceback"
@@ -133,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("training failed:\n%s", traceback.format_exc())
         else:
             logger.error("%s", message)
-        events.emit("error", kind=kind, message=message, advice=advice,
+        settings: list[str] = []
+        if kind == "oom":  # the config keys the advice names, in its order, so a launcher can point at them
+            from .runtime import OOM_SETTINGS
+
+            settings = list(OOM_SETTINGS)
+        events.emit("error", kind=kind, message=message, advice=advice, settings=settings,
                     key=getattr(exc, "key", None), path=str(getattr(exc, "path", "") or ""))
         return ERROR_KINDS[kind]
     events.emit("done", status=result.status, step=result.step,

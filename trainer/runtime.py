@@ -4,19 +4,46 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import string
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-OOM_ADVICE = (
-    "Out of GPU memory. Try, in this order: enable gradient_checkpointing; set mixed_precision to fp16 "
-    "(or bf16); keep cache_latents on; lower train_batch_size to 1 (raise gradient_accumulation_steps "
-    "instead); use optimizer adamw8bit (needs bitsandbytes); set train_text_encoder false; lower the "
-    "resolution (e.g. 512 -> 384); close other programs using the GPU."
+# What to change after running out of memory, in the order to try it (cheapest loss first): (the
+# setting the step is about, what to do). Templates name settings only as ``{config_key}`` fields, so
+# each reader sees the names they know: config keys on the command line, widget names in ComfyUI.
+OOM_ADVICE_STEPS: tuple[tuple[str, str], ...] = (
+    ("gradient_checkpointing", "turn {gradient_checkpointing} on"),
+    ("mixed_precision", "set {mixed_precision} to fp16 (or bf16)"),
+    ("cache_latents", "keep {cache_latents} on"),
+    ("train_batch_size", "lower {train_batch_size} to 1 and raise {gradient_accumulation_steps} instead"),
+    ("optimizer", "set {optimizer} to adamw8bit (needs bitsandbytes)"),
+    ("train_text_encoder", "turn {train_text_encoder} off"),
+    ("resolution", "lower {resolution} (e.g. 512 -> 384)"),
 )
+_OOM_INTRO = "Out of GPU memory. Try, in this order: "
+_OOM_TAIL = "close other programs using the GPU."
+
+
+def _template_keys(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+# Every setting the advice names, in the order it names them (for a UI that points at them).
+OOM_SETTINGS: tuple[str, ...] = tuple(dict.fromkeys(
+    key for _, template in OOM_ADVICE_STEPS for key in _template_keys(template)))
+
+
+def oom_advice(display: Callable[[str], str] = lambda key: key) -> str:
+    """The out-of-memory advice as one sentence; ``display`` turns a config key into the name shown
+    (the key itself by default, as a command-line user writes it in the config)."""
+    steps = [template.format_map({key: display(key) for key in _template_keys(template)})
+             for _, template in OOM_ADVICE_STEPS]
+    return _OOM_INTRO + "; ".join([*steps, _OOM_TAIL])
 
 
 @dataclass(frozen=True)
