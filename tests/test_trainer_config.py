@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig
+from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, bounds
 from comfyui_dreambooth_lora.trainer.protocol import EXIT_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,11 @@ def test_defaults_are_filled_from_other_keys() -> None:
         ({"background": [1, 2]}, "background", "list of 3"),
         ({"output_path": "x.ckpt"}, "output_path", ".safetensors"),
         ({"device": "gpu"}, "device", "'auto', 'cpu'"),
-        ({"lora_dropout": 1.5}, "lora_dropout", "[0, 1)"),
+        ({"lora_dropout": 1.5}, "lora_dropout", "<= 0.99"),
+        ({"learning_rate": 0.0}, "learning_rate", ">= 1e-07"),
+        ({"num_class_images": 0}, "num_class_images", ">= 1"),
+        ({"adam_beta2": 1.0}, "adam_beta2", "<= 0.9999"),
+        ({"text_encoder_rank": 0}, "text_encoder_rank", ">= 1"),
     ],
 )
 def test_bad_values_name_the_key(patch: dict, key: str, fragment: str) -> None:
@@ -46,6 +51,23 @@ def test_bad_values_name_the_key(patch: dict, key: str, fragment: str) -> None:
         TrainConfig.from_dict({**BASE, **patch})
     assert info.value.key == key
     assert fragment in str(info.value)
+
+
+def test_every_bound_is_enforced_at_its_edge() -> None:
+    """Each field's (min, max) is what validation uses: the bound itself passes, one step past fails."""
+    checked = 0
+    for f in dataclasses.fields(TrainConfig):
+        low, high = bounds(f.name)
+        step = 1 if f.type in ("int", "int | None") else 1e-9
+        for edge, outside in ((low, None if low is None else low - step), (high, None if high is None else high + step)):
+            if edge is None:
+                continue
+            TrainConfig.from_dict({**BASE, f.name: edge})
+            with pytest.raises(ConfigError) as info:
+                TrainConfig.from_dict({**BASE, f.name: outside})
+            assert info.value.key == f.name
+            checked += 1
+    assert checked >= 25, "the ranges moved out of the field metadata?"
 
 
 def test_round_trip_and_signature_ignores_output_only_settings() -> None:
