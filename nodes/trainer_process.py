@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import comfy.utils
 import folder_paths
 
 from ..trainer.launcher import TrainerLaunchError, TrainerProcess, WarmTrainerPool, verify_hello
+from .live_view import STORE, RunKey
 
 logger = logging.getLogger(__name__)
 
@@ -45,25 +47,77 @@ def _warm_idle_s() -> float:
         return WARM_IDLE_DEFAULT_S
 
 
+class SwitchablePool(WarmTrainerPool):
+    """The warm-trainer pool with an on/off switch the web UI's setting flips while the server runs.
+
+    The environment variable gives the idle time and the initial state (0: off); switching on a pool
+    that started off uses the default idle time.
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        super().__init__(idle_s if idle_s > 0 else WARM_IDLE_DEFAULT_S)
+        self.switched_on = idle_s > 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.switched_on and self.idle_s > 0
+
+    def prewarm(self) -> TrainerProcess | None:
+        spare = super().prewarm()
+        if spare is not None and not self.enabled:  # switched off while it was starting
+            self.shutdown()
+            return None
+        return spare
+
+    def switch(self, on: bool) -> None:
+        self.switched_on = on
+        if not on:
+            self.shutdown()
+
+
 # One trainer kept started ahead of the next run (queued, or likely: users train again after looking at
-# the samples). 0 in the environment variable turns it off.
-WARM_TRAINERS = WarmTrainerPool(_warm_idle_s())
+# the samples). 0 in the environment variable turns it off; the web UI's setting turns it on and off.
+WARM_TRAINERS = SwitchablePool(_warm_idle_s())
+
+
+def set_prestart_trainer(on: bool) -> None:
+    """The web UI's "start a trainer process in advance" setting; off also ends the waiting one now."""
+    logger.info("starting trainers in advance: %s", "on" if on else "off")
+    WARM_TRAINERS.switch(on)
+
+
+def live_settings() -> dict[str, Any]:
+    return {"prestart_trainer": WARM_TRAINERS.enabled, "idle_s": WARM_TRAINERS.idle_s}
 
 
 class UiRelay:
-    """Sends ``{"node", "prompt_id", "event"}`` messages to the browser that queued the prompt."""
+    """Sends ``{"node", "prompt_id", "run_name", "event"}`` messages to every browser and keeps them in the
+    live view's run history, so a second tab or a reloaded page sees the run too."""
 
     def __init__(self, node_id: str | None, run_name: str | None = None) -> None:
         self.node_id = node_id
         self.run_name = run_name  # the LoRA name: tells this node's runs from another workflow's node of the same id
+        self.prompt_id: str | None = None
+
+    @property
+    def key(self) -> RunKey:
+        if self.prompt_id is None:
+            try:
+                from server import PromptServer
+
+                self.prompt_id = PromptServer.instance.last_prompt_id
+            except Exception:  # noqa: BLE001 - outside a server (scripts): one run per relay anyway
+                self.prompt_id = None
+        return (self.node_id, self.prompt_id, self.run_name)
 
     def send(self, event: dict[str, Any]) -> None:
         try:
+            key = self.key
+            STORE.record(key, event)
             from server import PromptServer
 
-            server = PromptServer.instance
-            payload = {"node": self.node_id, "prompt_id": server.last_prompt_id, "event": event}
-            server.send_sync(UI_EVENT, payload, server.client_id)
+            payload = {"node": self.node_id, "prompt_id": key[1], "run_name": self.run_name, "event": event}
+            PromptServer.instance.send_sync(UI_EVENT, payload, None)  # None: every connected browser
         except Exception:  # noqa: BLE001 - the UI is a nicety; training must not fail for it
             logger.debug("could not relay a UI event", exc_info=True)
 
@@ -131,6 +185,15 @@ class RunOutcome:
     resumed_from: str | None = None
 
 
+def thin_curve(points: list[tuple[int, float]], limit: int = 2000) -> list[list[float]]:
+    """At most about ``limit`` evenly spaced points of a loss curve, the last one always included."""
+    stride = max(1, -(-len(points) // limit))
+    kept = points[::stride]
+    if points and kept[-1] != points[-1]:
+        kept.append(points[-1])
+    return [[s, v] for s, v in kept]
+
+
 def view_url(path: Path) -> str | None:
     """The /view URL of a file under ComfyUI's output folder, or None outside it."""
     root = Path(folder_paths.get_output_directory()).resolve()
@@ -144,8 +207,9 @@ def view_url(path: Path) -> str | None:
 
 class _Driver:
     def __init__(self, proc: TrainerProcess, relay: UiRelay, metrics: MetricsLog, total: int,
-                 node_id: str | None) -> None:
+                 node_id: str | None, stop_flag: threading.Event | None = None) -> None:
         self.proc = proc
+        self.stop_flag = stop_flag  # the web UI's Stop button (POST /dreambooth/stop)
         self.relay = relay
         self.metrics = metrics
         self.total = total
@@ -158,7 +222,8 @@ class _Driver:
         self.outcome = RunOutcome(returncode=0, stop_requested=False, stderr_tail="")
 
     def interrupt_requested(self) -> bool:
-        return self.interrupted or mm.processing_interrupted()
+        return (self.interrupted or mm.processing_interrupted()
+                or (self.stop_flag is not None and self.stop_flag.is_set()))
 
     def _progress(self, step: int, total: int) -> None:
         try:
@@ -180,6 +245,10 @@ class _Driver:
             if event.get("phase") == "train" and not self.train_started:
                 self.train_started = True
                 self.metrics.restart_at(step)
+                if step > 0 and self.metrics.points:
+                    # A resumed run: the chart starts with the curve up to the checkpoint.
+                    self.relay.send({"type": "loss_history", "points": thin_curve(self.metrics.curve()),
+                                     "time": round(time.time(), 3)})
             self._progress(step, total)
             now = time.monotonic()
             if now - self.last_progress_relay < _PROGRESS_EVERY_S and step < total:
@@ -210,7 +279,8 @@ class _Driver:
         if not self.hello_seen:
             self.proc.kill()  # nothing trained yet, nothing to save
             return
-        self.relay.status("interrupt: asking the trainer to save a checkpoint and stop")
+        who = "stop" if self.stop_flag is not None and self.stop_flag.is_set() else "interrupt"
+        self.relay.status(f"{who}: asking the trainer to save a checkpoint and stop")
         if not self.proc.send("stop"):
             self.proc.kill()
 
@@ -258,6 +328,8 @@ def run_trainer(config_path: Path, *, run_dir: Path, node_id: str | None, total_
         if proc is not None:
             proc.close()
         proc = TrainerProcess(config_path, log_path=log_path)
+    stop_flag = STORE.attach(relay.key)
+    stopped = False
     try:
         with proc:
             if proc.warm and proc.started_at is not None:
@@ -265,7 +337,10 @@ def run_trainer(config_path: Path, *, run_dir: Path, node_id: str | None, total_
             else:
                 how = f"trainer started (pid {proc.pid})"
             relay.status(f"{how}; log: {log_path}", pid=proc.pid, warm=proc.warm)
-            return _Driver(proc, relay, metrics, total_steps, node_id).run()
+            outcome = _Driver(proc, relay, metrics, total_steps, node_id, stop_flag).run()
+            stopped = outcome.stop_requested
+            return outcome
     finally:
+        STORE.detach(relay.key, stopped=stopped)
         # The next run is likely soon (look at the samples, change a setting, train again).
         WARM_TRAINERS.prewarm()
