@@ -7,14 +7,20 @@
 
 Test legs, in the order they run (`.ci/run` runs them all):
     lint            ruff, and vermin: the pack's code must run on Python 3.10
-    main            the whole suite, newest dependency set (.venv), ComfyUI 0.3.75
+    main            the whole suite but the browser tests, newest dependency set (.venv), ComfyUI 0.3.75
+    browser         the browser tests (pytest -m browser): the live view driven in headless Chromium
+                    with frontend 1.32.9 and the newest (classic canvas and Vue nodes); installs
+                    Chromium where it can (root and apt-get), playwright-core with npm into
+                    .cache/browser and the newest frontend into .cache/frontend-VERSION; skipped with
+                    a notice where Chromium or Node is missing and cannot be installed
     comfyui-0.33    the tests that run ComfyUI itself (pytest -m comfy) against ComfyUI 0.33.0 read
                     in place from ../shared/comfyui-0.33.0 (.venv-comfyui-0.33); skipped with a
                     notice where ../shared is absent
-    transformers4   the whole suite, oldest supported dependency set (.venv-tf4): transformers 4.x
+    transformers4   the whole suite but the browser tests, oldest supported dependency set
+                    (.venv-tf4): transformers 4.x
 Arguments other than --legs go to every pytest leg. Each leg prints a header and a result line, and
 a summary closes the run; the exit code is non-zero if any leg failed (pytest collecting no tests
-counts as a failure).
+counts as a failure). Where CI is set, a leg that would skip for a missing tool fails instead.
 
 Every environment is a venv beside the repo built from its requirements file; the requirements
 are re-installed only when that file (or a file it includes with -r/-c) changes: a hash of them
@@ -24,6 +30,8 @@ is kept in `<venv>/.requirements-<file name>.sha256` (for .venv: `.requirements-
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -31,10 +39,12 @@ import time
 import venv
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS_DIR = REPO_ROOT / "requirements"
 DEMO = REPO_ROOT / "scripts" / "demo.py"
+SUPPORT_LOADER = REPO_ROOT / "scripts" / "support_loader.py"
 
 # Read in place, never copied into the project; the leg keeps every write out of it (see
 # tests/support/comfyui.py). CI provides ../shared; a clone without it skips that leg.
@@ -227,12 +237,17 @@ def leg_lint(pytest_args: list[str]) -> LegResult:
     return LegResult("failed", ", ".join(failed)) if failed else LegResult("passed", "ruff and vermin clean")
 
 
+# The browser tests have a leg of their own (they need Chromium and Node); a later `-m` in the
+# user's arguments overrides these.
+NOT_BROWSER = ["-m", "not browser"]
+
+
 def leg_main(pytest_args: list[str]) -> LegResult:
-    return _pytest(ensure_env(ENVS["main"]), pytest_args, child_env(force=True))
+    return _pytest(ensure_env(ENVS["main"]), [*NOT_BROWSER, *pytest_args], child_env(force=True))
 
 
 def leg_transformers4(pytest_args: list[str]) -> LegResult:
-    return _pytest(ensure_env(ENVS["transformers4"]), pytest_args, child_env(force=True))
+    return _pytest(ensure_env(ENVS["transformers4"]), [*NOT_BROWSER, *pytest_args], child_env(force=True))
 
 
 def _is_ci() -> bool:
@@ -251,12 +266,56 @@ def leg_comfyui_033(pytest_args: list[str]) -> LegResult:
     # `-m comfy`: the tests that start a server or load files with ComfyUI's own code (nodes,
     # example workflows, LoRA compatibility); the rest never touch ComfyUI, the main leg covers
     # them. A later `-m` in the user's arguments overrides this one.
-    return _pytest(python, ["-m", "comfy", *pytest_args], env)
+    return _pytest(python, ["-m", "comfy and not browser", *pytest_args], env)
+
+
+def browser_support() -> ModuleType:
+    """tests/support/browser.py (standard library only), loaded the way the test suite loads it."""
+    spec = importlib.util.spec_from_file_location("dreambooth_scripts_support_loader", SUPPORT_LOADER)
+    assert spec is not None and spec.loader is not None
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    loader.load_test_support()
+    return importlib.import_module(f"{loader.PACKAGE}.browser")
+
+
+def _missing_tool(what: str, fix: str) -> LegResult:
+    if _is_ci():
+        return LegResult("failed", f"CI is set and {what}: the browser leg must run in CI; {fix}")
+    for line in ("!" * 78, f"browser leg SKIPPED: {what}", f"to run it: {fix}", "!" * 78):
+        step(line)
+    return LegResult("skipped", f"{what}; {fix}")
+
+
+def leg_browser(pytest_args: list[str]) -> LegResult:
+    python = ensure_env(ENVS["main"])
+    browser = browser_support()
+    t0 = time.monotonic()
+    try:
+        chromium = browser.find_chromium()
+        if chromium is None:
+            if not browser.can_install_chromium():
+                return _missing_tool("no Chromium on PATH and no way to install it (needs root and apt-get)",
+                                     f"install chromium, or set {browser.CHROMIUM_ENV} to a Chromium executable")
+            step("no Chromium on PATH: apt-get install -y --no-install-recommends chromium")
+            chromium = browser.install_chromium()
+        if browser.node_executable() is None:
+            return _missing_tool("Node.js is not on PATH", "install Node.js 18 or later (with npm)")
+        step(f"Chromium: {chromium}")
+        step(f"playwright-core {browser.PLAYWRIGHT_CORE_VERSION}: {_rel(browser.ensure_playwright_core())}")
+        frontend = browser.ensure_frontend(browser.NEW_FRONTEND_VERSION, python)
+        step(f"comfyui-frontend-package {browser.NEW_FRONTEND_VERSION}: {_rel(frontend)}")
+    except browser.BrowserSetupError as err:
+        return LegResult("failed", str(err))
+    step(f"browser tools ready in {time.monotonic() - t0:.0f} s")
+    env = child_env(force=True, extra={browser.CHROMIUM_ENV: chromium})
+    return _pytest(python, ["-m", "browser", *pytest_args], env)
 
 
 LEGS = {
     "lint": leg_lint,
     "main": leg_main,
+    "browser": leg_browser,
     "comfyui-0.33": leg_comfyui_033,
     "transformers4": leg_transformers4,
 }

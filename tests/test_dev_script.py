@@ -1,4 +1,5 @@
-"""scripts/dev.py: leg selection, the venv stamp mechanism, and when the ComfyUI 0.33.0 leg may skip.
+"""scripts/dev.py: leg selection, the venv stamp mechanism, when the ComfyUI 0.33.0 and browser legs may
+skip, and which tests each leg selects.
 
 The environments here are stand-ins (a venv with an empty requirements file): the real ones hold
 torch and take minutes to build.
@@ -29,7 +30,7 @@ def dev() -> ModuleType:
 
 
 def test_all_legs_by_default_in_order_and_the_rest_goes_to_pytest(dev: ModuleType) -> None:
-    assert dev.parse_test_args([]) == (["lint", "main", "comfyui-0.33", "transformers4"], [])
+    assert dev.parse_test_args([]) == (["lint", "main", "browser", "comfyui-0.33", "transformers4"], [])
     assert dev.parse_test_args(["-k", "lora", "-x"]) == (list(dev.LEGS), ["-k", "lora", "-x"])
     assert dev.parse_test_args(["--legs", "main,lint", "tests/test_data.py"]) == (
         ["lint", "main"], ["tests/test_data.py"])
@@ -100,6 +101,56 @@ def test_the_comfyui_033_leg_skips_only_without_shared(dev: ModuleType, tmp_path
     assert result.status == "failed" and "must run in CI" in result.detail
     monkeypatch.delenv("CI")
     assert dev.leg_comfyui_033([]).status == "skipped"
+
+
+def test_the_browser_leg_skips_only_without_chromium_or_node_and_fails_in_ci(
+        dev: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dev, "ensure_env", lambda env: Path(sys.executable))  # the real one takes minutes
+    monkeypatch.setenv("PATH", str(tmp_path))  # no chromium, no apt-get to install it, no node
+    monkeypatch.delenv("DREAMBOOTH_CHROMIUM", raising=False)
+    monkeypatch.setenv("CI", "")
+    result = dev.leg_browser([])
+    assert result.status == "skipped" and "no Chromium" in result.detail
+    monkeypatch.setenv("CI", "true")
+    result = dev.leg_browser([])
+    assert result.status == "failed" and "must run in CI" in result.detail
+
+    # Chromium named, but no Node.
+    chromium = tmp_path / "chromium"
+    chromium.write_text("#!/bin/sh\n", encoding="utf-8")
+    chromium.chmod(0o755)
+    monkeypatch.setenv("DREAMBOOTH_CHROMIUM", str(chromium))
+    result = dev.leg_browser([])
+    assert result.status == "failed" and "Node.js" in result.detail
+    monkeypatch.setenv("CI", "")
+    assert dev.leg_browser([]).status == "skipped"
+
+
+def test_only_the_browser_leg_runs_the_browser_tests(dev: ModuleType, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+
+    def fake_pytest(python: Path, args: list[str], env: dict[str, str]) -> object:
+        seen.append(args)
+        return dev.LegResult("passed")
+
+    monkeypatch.setattr(dev, "ensure_env", lambda env: Path(sys.executable))
+    monkeypatch.setattr(dev, "_pytest", fake_pytest)
+    comfyui = tmp_path / "comfyui-0.33.0"
+    comfyui.mkdir()
+    (comfyui / "main.py").write_text("", encoding="utf-8")
+    monkeypatch.setattr(dev, "COMFYUI_033_DIR", comfyui)
+    for name in ("main", "comfyui-0.33", "transformers4"):
+        dev.LEGS[name](["-k", "lora"])
+    assert [args[args.index("-m") + 1] for args in seen] == ["not browser", "comfy and not browser", "not browser"]
+    assert all(args[-2:] == ["-k", "lora"] for args in seen), "the user's arguments come last, so their -m wins"
+
+    # The expressions against the real markers: the browser tests carry `browser` and nothing else selects them.
+    browser_tests = str(DEV.parents[1] / "tests" / "test_browser_live_view.py")
+    for expression, collected in (("browser", True), ("not browser", False), ("comfy and not browser", False)):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", expression, browser_tests],
+                              capture_output=True, text=True, timeout=120, check=False, cwd=DEV.parents[1])
+        assert proc.returncode == (0 if collected else 5), (expression, proc.stdout[-2000:], proc.stderr[-2000:])
 
 
 def test_pytest_collecting_nothing_fails_the_leg(dev: ModuleType, tmp_path: Path) -> None:

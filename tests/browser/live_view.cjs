@@ -1,0 +1,292 @@
+// The live training view in a real browser, against a real ComfyUI and a real trainer.
+//
+// Run by tests/test_browser_live_view.py: `node live_view.cjs CONFIG.json` with NODE_PATH naming the
+// node_modules that holds playwright-core. Every step goes through the page as a user would: the
+// example workflow is loaded into the frontend, its widgets set, the prompt queued with the Queue/Run
+// button, the panel's Stop button clicked, the page reloaded. The result (what was seen, the problems,
+// the screenshots) is written to cfg.result as JSON; the Python test asserts on it.
+"use strict";
+
+const fs = require("fs");
+const path = require("path");
+const { chromium } = require("playwright-core");
+
+const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
+const report = { problems: [], phases: [], seen: {}, screenshots: {}, console: [], ignored: [] };
+// Frontend 1.32.9 writes a setting while it boots, before the setting is defined (its
+// useRenderModeSetting), and logs this; the stack lies wholly in the frontend's own bundles.
+const FRONTEND_BOOT_ERROR = /^TypeError: Cannot read properties of undefined \(reading 'id'\)\n\s+at onChange \([^)]*\/assets\/index-[^)]*\)\n\s+at Proxy\.set [^]*\/assets\/GraphView-/;
+// Optional files the frontend probes for and takes a 404 as "none" (user.css, saved templates, a
+// workflows folder).
+const OPTIONAL = /^\/(api\/userdata\/(user\.css|comfy\.templates\.json)|user\.css|api\/userdata|favicon\.ico)$/;
+// Frontends since about 1.50 read the queue and history from `/api/jobs`, which ComfyUI 0.3.75 lacks:
+// their queue and history panels stay empty there (no fallback) and every status message logs these.
+// The live view does not use them, so they are set aside (and counted in the report).
+const JOBS_API = /^\/api\/jobs$/;
+const JOBS_API_ERROR = /^(\[Jobs API\] Error fetching jobs|Failed to fetch queue): JobsApiError: Failed to fetch jobs: 404/;
+const STOPPED = /^stopped at step (\d+) \(checkpoint kept\)/;
+
+let phase = "start-up";
+let context = null;
+let page = null;
+
+const problem = (what) => { report.problems.push(`[${phase}] ${what}`); console.error(`problem: [${phase}] ${what}`); };
+const enter = (name) => { phase = name; report.phases.push({ name, t: Date.now() }); console.error(`phase: ${name}`); };
+
+// Wait until `fn(arg)` in the page returns a truthy value; on timeout, fail naming what was awaited
+// and what the panel showed last.
+async function waitFor(what, fn, arg, timeoutS) {
+  try {
+    const handle = await page.waitForFunction(fn, arg, { timeout: timeoutS * 1000, polling: 250 });
+    return await handle.jsonValue();
+  } catch (err) {
+    if (!/Timeout/i.test(String(err))) throw err;
+    const panel = await page.evaluate(readPanel).catch((e) => `unreadable: ${e}`);
+    throw new Error(`timed out after ${timeoutS} s waiting for ${what}; the panel showed ${JSON.stringify(panel)}`);
+  }
+}
+
+async function main() {
+  context = await chromium.launchPersistentContext(cfg.profile, {
+    executablePath: cfg.chromium, headless: true, args: cfg.args,
+    viewport: { width: cfg.viewport[0], height: cfg.viewport[1] },
+  });
+  page = context.pages()[0] ?? (await context.newPage());
+  // One-time banners and tours, remembered in local storage, would cover the graph.
+  await page.addInitScript(() => localStorage.setItem("vueNodesBannerDismissed", "true"));
+  watchPage();
+
+  enter("open the frontend");
+  await page.goto(cfg.url, { waitUntil: "load" });
+  await waitForApp();
+  report.seen.frontend = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+  report.seen.vueNodes = await page.evaluate(() => window.comfyAPI.app.app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled") ?? null);
+  const registered = await page.evaluate(() =>
+    (window.comfyAPI.app.app.extensions ?? []).some((e) => e.name === "dreambooth_lora.train_progress"));
+  if (!registered) throw new Error("the pack's extension dreambooth_lora.train_progress is not registered");
+  await closeDialogs("start-up");
+
+  enter("load the workflow");
+  const loaded = await page.evaluate(loadWorkflow, { workflow: cfg.workflow, name: cfg.workflowName,
+                                                     remove: cfg.removeTypes, widgets: cfg.widgets });
+  report.seen.loaded = loaded;
+  for (const p of loaded.problems) problem(p);
+  if (loaded.problems.length) throw new Error("the workflow could not be set up for a short run");
+  const node = loaded.trainNode;
+  await page.waitForTimeout(300);
+  await closeDialogs("load");
+  await page.evaluate(showNode, node);
+  await waitFor("the train node's live panel", () => !!document.querySelector(".dreambooth-status"), null, 20);
+
+  enter("queue the training");
+  await queueFromPage();
+  await waitFor("the trainer's first steps in the panel (.dreambooth-step 'step N')",
+                () => /^step \d+/.test(document.querySelector(".dreambooth-step")?.textContent ?? ""), null, cfg.timeouts.firstStep);
+  await waitFor("3 loss points in the chart (canvas.dreambooth-loss data-points >= 3)",
+                () => Number(document.querySelector("canvas.dreambooth-loss")?.dataset.points ?? 0) >= 3, null, cfg.timeouts.train);
+  await waitFor("a validation sample in the gallery (.dreambooth-gallery img.dreambooth-thumb loaded)",
+                () => [...document.querySelectorAll(".dreambooth-gallery img.dreambooth-thumb")].some((i) => i.complete && i.naturalWidth > 0),
+                null, cfg.timeouts.train);
+  report.seen.running = await page.evaluate(readPanel);
+
+  enter("stop from the panel");
+  await page.locator("button.dreambooth-stop").click({ timeout: 10000 });
+  const stoppedText = await waitFor("the status 'stopped at step N (checkpoint kept)'",
+                                    (re) => { const t = document.querySelector(".dreambooth-status")?.textContent ?? "";
+                                              return new RegExp(re).test(t) ? t : false; },
+                                    STOPPED.source, cfg.timeouts.stop);
+  const stoppedAt = Number(STOPPED.exec(stoppedText)[1]);
+  report.seen.stopped = { ...(await page.evaluate(readPanel)), step: stoppedAt };
+  await page.waitForTimeout(300); // let the chart draw its last point for the picture
+  await screenshots(node);
+
+  enter("reload the page");
+  await page.reload({ waitUntil: "load" });
+  await waitForApp();
+  await closeDialogs("reload");
+  const again = await page.evaluate((id) => !!window.comfyAPI.app.app.graph.getNodeById(id), node);
+  if (!again) throw new Error(`after the reload the workflow has no node ${node}: the frontend did not restore it`);
+  await page.evaluate(showNode, node);
+  const before = report.seen.stopped.points;
+  await waitFor(`the run's history in the panel after the reload (data-points >= ${before}, status 'stopped at step ${stoppedAt}')`,
+                ({ points, re }) => Number(document.querySelector("canvas.dreambooth-loss")?.dataset.points ?? 0) >= points
+                  && new RegExp(re).test(document.querySelector(".dreambooth-status")?.textContent ?? ""),
+                { points: before, re: STOPPED.source }, cfg.timeouts.history);
+  report.seen.reloaded = await page.evaluate(readPanel);
+
+  enter("resume");
+  await queueFromPage();
+  const resumed = await waitFor(`the run resuming (status 'resumed from ...' or a step above ${stoppedAt})`,
+                                (stopped) => {
+                                  const status = document.querySelector(".dreambooth-status")?.textContent ?? "";
+                                  const step = /^step (\d+)/.exec(document.querySelector(".dreambooth-step")?.textContent ?? "");
+                                  if (/resumed from/.test(status)) return { by: "status", status };
+                                  if (step && Number(step[1]) > stopped && !/^stopped/.test(status)) return { by: "step", step: Number(step[1]) };
+                                  return false;
+                                }, stoppedAt, cfg.timeouts.resume);
+  report.seen.resumed = { ...resumed, panel: await page.evaluate(readPanel) };
+
+  enter("stop again");
+  await page.locator("button.dreambooth-stop").click({ timeout: 10000 });
+  const finalText = await waitFor("the status 'stopped at step N (checkpoint kept)' after the resumed run",
+                                  (re) => { const t = document.querySelector(".dreambooth-status")?.textContent ?? "";
+                                            return new RegExp(re).test(t) ? t : false; },
+                                  STOPPED.source, cfg.timeouts.stop);
+  report.seen.final = { ...(await page.evaluate(readPanel)), step: Number(STOPPED.exec(finalText)[1]) };
+  if (report.seen.final.step < stoppedAt)
+    problem(`the resumed run stopped at step ${report.seen.final.step}, before the first stop (${stoppedAt})`);
+  enter("done");
+}
+
+function watchPage() {
+  page.on("pageerror", (err) => problem(`page error: ${err.message}`));
+  // The frontend asks the online node registry about every node pack; offline, those fail
+  // harmlessly. Only what comes from our own server counts.
+  const local = (url) => !url || url.startsWith(cfg.url) || url.startsWith("data:") || url.startsWith("blob:");
+  const benign = (url) => !local(url) || OPTIONAL.test(new URL(url).pathname);
+  page.on("console", (msg) => {
+    const text = msg.text();
+    const where = msg.location()?.url;
+    if (where && benign(where)) { report.ignored.push(`${where}: ${text}`); return; }
+    if (msg.type() === "error" && FRONTEND_BOOT_ERROR.test(text)) { report.ignored.push(text.split("\n")[0]); return; }
+    if (msg.type() === "error" && JOBS_API_ERROR.test(text)) { report.jobsApiErrors = (report.jobsApiErrors ?? 0) + 1; return; }
+    // The browser's own line for a failed request; the response handler below judges the request.
+    if (msg.type() === "error" && /^Failed to load resource/.test(text)) { report.ignored.push(`${where}: ${text}`); return; }
+    if (msg.type() === "error") problem(`console error: ${text}${where ? ` (${where})` : ""}`);
+    else if (msg.type() === "warning") report.console.push(`[${phase}] ${text}`);
+  });
+  page.on("response", (res) => {
+    if (res.status() === 404 && JOBS_API.test(new URL(res.url()).pathname)) return;
+    if (res.status() >= 400 && !benign(res.url())) problem(`HTTP ${res.status()} for ${new URL(res.url()).pathname}`);
+  });
+  page.on("requestfailed", (req) => {
+    // A reload aborts the requests of the page it leaves.
+    if (!benign(req.url()) && !/ERR_ABORTED/.test(req.failure()?.errorText ?? ""))
+      problem(`request failed: ${req.url()} ${req.failure()?.errorText}`);
+  });
+  page.on("dialog", (dialog) => { problem(`browser dialog: ${dialog.message()}`); dialog.dismiss().catch(() => {}); });
+}
+
+async function waitForApp() {
+  await waitFor("the frontend's app, graph, canvas and socket",
+                () => !!(window.comfyAPI?.app?.app?.graph && window.comfyAPI?.api?.api?.socket?.readyState === 1
+                         && window.comfyAPI.app.app.canvas), null, cfg.timeouts.boot);
+  await page.waitForTimeout(500); // extensions finish their set-up after the app object appears
+}
+
+// The frontend's dialogs (e.g. "missing nodes") are problems; they are closed so the run can go on.
+async function closeDialogs(when) {
+  const found = await page.evaluate(() =>
+    [...document.querySelectorAll(".p-dialog")].filter((d) => d.getClientRects().length)
+      .map((d) => (d.querySelector(".p-dialog-header")?.textContent || d.textContent || "").trim().slice(0, 300)));
+  for (const text of found) {
+    problem(`dialog shown (${when}): ${text}`);
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(200);
+  }
+}
+
+// The Queue/Run button of the top bar (the same test id from frontend 1.32 to 1.58).
+async function queueFromPage() {
+  const button = page.locator('[data-testid="queue-button"]').first();
+  await button.waitFor({ state: "visible", timeout: 20000 });
+  await button.click();
+}
+
+async function screenshots(nodeId) {
+  const dir = cfg.screenshotDir;
+  fs.mkdirSync(dir, { recursive: true });
+  const panel = page.locator(".dreambooth-status").locator("xpath=..");
+  report.screenshots.panel = path.join(dir, `panel-${cfg.label}.png`);
+  await panel.screenshot({ path: report.screenshots.panel });
+  const clip = await page.evaluate(nodeBox, nodeId);
+  report.screenshots.node = path.join(dir, `node-${cfg.label}.png`);
+  await page.screenshot({ path: report.screenshots.node, clip });
+  report.screenshots.page = path.join(dir, `page-${cfg.label}.png`);
+  await page.screenshot({ path: report.screenshots.page });
+}
+
+// ------------------------------------------------------------------ functions run inside the page
+
+async function loadWorkflow({ workflow, name, remove, widgets }) {
+  const app = window.comfyAPI.app.app;
+  const problems = [];
+  await app.loadGraphData(structuredClone(workflow), true, true, name);
+  await new Promise((r) => setTimeout(r, 300));
+  const graph = app.graph;
+  for (const node of [...graph.nodes]) if (remove.includes(node.type)) graph.remove(node);
+  const trains = graph.nodes.filter((n) => n.type === "DreamBoothTrain");
+  if (trains.length !== 1) problems.push(`expected one DreamBoothTrain node, found ${trains.length}`);
+  const set = {};
+  for (const [wname, value] of Object.entries(widgets)) {
+    const owners = graph.nodes.filter((n) => (n.widgets ?? []).some((w) => w.name === wname));
+    if (owners.length !== 1) { problems.push(`widget ${wname}: ${owners.length} nodes have one, expected 1`); continue; }
+    const widget = owners[0].widgets.find((w) => w.name === wname);
+    widget.value = value;
+    widget.callback?.(value, app.canvas, owners[0]);
+    if (widget.value !== value) problems.push(`widget ${wname} is ${JSON.stringify(widget.value)} after setting ${JSON.stringify(value)}`);
+    set[wname] = `#${owners[0].id} ${owners[0].type}`;
+  }
+  graph.setDirtyCanvas(true, true);
+  return { problems, trainNode: trains[0]?.id ?? null, set, nodes: graph.nodes.map((n) => `#${n.id} ${n.type}`) };
+}
+
+// Scale and scroll so the train node fills most of the view, the panel included.
+function showNode(id) {
+  const app = window.comfyAPI.app.app;
+  const node = app.graph.getNodeById(id);
+  const el = app.canvas.canvas;
+  const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  const scale = Math.min(1, (el.clientHeight - 150) / (node.size[1] + title), (el.clientWidth - 120) / node.size[0]);
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [80 / scale - node.pos[0], (110 + title) / scale - node.pos[1]];
+  app.canvas.setDirty(true, true);
+}
+
+// The train node on screen, title bar included, in page pixels.
+function nodeBox(id) {
+  const vue = document.querySelector(`[data-node-id="${id}"]`);
+  if (vue) {
+    const r = vue.getBoundingClientRect();
+    return { x: Math.max(0, r.x - 8), y: Math.max(0, r.y - 8), width: r.width + 16, height: r.height + 16 };
+  }
+  const app = window.comfyAPI.app.app;
+  const node = app.graph.getNodeById(id);
+  const ds = app.canvas.ds;
+  const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  const rect = app.canvas.canvas.getBoundingClientRect();
+  const x = rect.x + (node.pos[0] + ds.offset[0]) * ds.scale;
+  const y = rect.y + (node.pos[1] - title + ds.offset[1]) * ds.scale;
+  return { x: Math.max(0, x - 8), y: Math.max(0, y - 8), width: node.size[0] * ds.scale + 16,
+           height: (node.size[1] + title) * ds.scale + 16 };
+}
+
+function readPanel() {
+  const one = (sel) => document.querySelector(sel);
+  const loss = one("canvas.dreambooth-loss");
+  const thumbs = [...document.querySelectorAll(".dreambooth-gallery img.dreambooth-thumb")];
+  return {
+    panels: document.querySelectorAll(".dreambooth-status").length,
+    status: one(".dreambooth-status")?.textContent ?? null,
+    step: one(".dreambooth-step")?.textContent ?? null,
+    points: loss ? Number(loss.dataset.points ?? NaN) : null,
+    thumbs: thumbs.length,
+    thumbsLoaded: thumbs.filter((i) => i.complete && i.naturalWidth > 0).length,
+    stopButton: one("button.dreambooth-stop") ? { disabled: one("button.dreambooth-stop").disabled } : null,
+  };
+}
+
+main()
+  .catch(async (err) => {
+    problem(`failed: ${err.message || err}`);
+    if (page && cfg.screenshotDir) {
+      fs.mkdirSync(cfg.screenshotDir, { recursive: true });
+      report.screenshots.failure = path.join(cfg.screenshotDir, `failure-${cfg.label}.png`);
+      await page.screenshot({ path: report.screenshots.failure }).catch(() => {});
+    }
+  })
+  .finally(async () => {
+    report.phases = report.phases.map((p, i, all) => ({ name: p.name, s: ((all[i + 1]?.t ?? Date.now()) - p.t) / 1000 }));
+    fs.writeFileSync(cfg.result, JSON.stringify(report, null, 1));
+    await context?.close().catch(() => {});
+  });
