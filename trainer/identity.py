@@ -5,6 +5,7 @@ A training is identified by what determines its weights, never by where things a
 - the base model's content (sha256 of the file, memoised by ``models.file_sha256``);
 - the photos' content, captions, repeats and order (``data.dataset_fingerprint``), and the user's
   class images when prior preservation reads a folder;
+- the content of the LoRA the training starts from (``init_lora``), when there is one;
 - every setting that changes the trained weights (``TrainConfig.training_signature``) without the
   paths, which the fingerprints above replace;
 - the number of steps.
@@ -32,7 +33,8 @@ IDENTITY_VERSION = 1
 METADATA_KEY = "dreambooth.identity"  # in the LoRA's safetensors header
 
 # Paths: replaced by the content fingerprints of what they point at.
-PATH_SETTINGS = ("pretrained_model", "instance_data_dir", "class_data_dir")
+PATH_SETTINGS = ("pretrained_model", "instance_data_dir", "class_data_dir", "init_lora")
+INIT_LORA_SETTING = "init_lora"
 STEPS_SETTING = "max_train_steps"
 # Settings that only matter when a feature is on; a value left over from an earlier run must not
 # make two identical trainings look different.
@@ -60,6 +62,10 @@ class Difference:
         if self.key in _LABELS:
             return _LABELS[self.key]
         name = (names or {}).get(self.key, self.key)
+        if self.key == INIT_LORA_SETTING:  # content hashes: meaningless to a person
+            if self.then and self.now:
+                return f"{name}: a LoRA with other contents {where}"
+            return f"{name}: {'a LoRA' if self.then else 'empty'} {where}, {'a LoRA' if self.now else 'empty'} now"
         return f"{name}: {self.then!r} {where}, {self.now!r} now"
 
 
@@ -75,11 +81,17 @@ class TrainingIdentity:
     instance_images: str
     class_images: str  # "" when no class images are read from a folder
     steps: int
+    init_lora_sha256: str = ""  # "" when the LoRA starts from zero
 
     # --- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"version": IDENTITY_VERSION, "settings": self.settings, "base_model_sha256": self.base_model_sha256,
-                "instance_images": self.instance_images, "class_images": self.class_images, "steps": self.steps}
+        # init_lora_sha256 only when set: a training from zero keeps the identity (and hashes) it had
+        # before init_lora existed, so earlier LoRAs and checkpoints still match.
+        out = {"version": IDENTITY_VERSION, "settings": self.settings, "base_model_sha256": self.base_model_sha256,
+               "instance_images": self.instance_images, "class_images": self.class_images, "steps": self.steps}
+        if self.init_lora_sha256:
+            out["init_lora_sha256"] = self.init_lora_sha256
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -96,7 +108,7 @@ class TrainingIdentity:
                 raise TypeError("settings is not a table")
             return cls(settings=settings, base_model_sha256=str(data["base_model_sha256"]),
                        instance_images=str(data["instance_images"]), class_images=str(data["class_images"]),
-                       steps=int(data["steps"]))
+                       steps=int(data["steps"]), init_lora_sha256=str(data.get("init_lora_sha256", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"damaged identity ({exc})") from exc
 
@@ -126,6 +138,8 @@ class TrainingIdentity:
         found = [Difference(k, earlier.settings.get(k), self.settings.get(k))
                  for k in sorted(set(self.settings) | set(earlier.settings))
                  if self.settings.get(k) != earlier.settings.get(k)]
+        if self.init_lora_sha256 != earlier.init_lora_sha256:
+            found.append(Difference(INIT_LORA_SETTING, earlier.init_lora_sha256, self.init_lora_sha256))
         for name in ("instance_images", "class_images", "base_model_sha256"):
             if getattr(self, name) != getattr(earlier, name):
                 found.append(Difference(name, getattr(earlier, name), getattr(self, name)))
@@ -176,10 +190,13 @@ def result_settings(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(settings))  # tuples -> lists: equal to what comes back from a file
 
 
-def build(config: Any, *, base_model_sha256: str, instance_images: str, class_images: str) -> TrainingIdentity:
+def build(config: Any, *, base_model_sha256: str, instance_images: str, class_images: str,
+          init_lora_sha256: str | None = None) -> TrainingIdentity:
+    """``init_lora_sha256`` None: hashed here from the config's ``init_lora`` (memoised)."""
+    init = init_lora_sha256 if init_lora_sha256 is not None else init_lora_fingerprint(config)
     return TrainingIdentity(settings=result_settings(config), base_model_sha256=base_model_sha256,
                             instance_images=instance_images, class_images=class_images,
-                            steps=int(config.max_train_steps))
+                            steps=int(config.max_train_steps), init_lora_sha256=init)
 
 
 def class_images_fingerprint(config: Any) -> str:
@@ -199,6 +216,21 @@ def instance_images_fingerprint(config: Any) -> str:
     from . import data
 
     return data.dataset_fingerprint(data.scan_image_folder(Path(config.instance_data_dir), role="instance"))
+
+
+def init_lora_fingerprint(config: Any) -> str:
+    """SHA-256 of the ``init_lora`` file's content, "" when the training starts from zero."""
+    if not config.init_lora:
+        return ""
+    from .models import file_sha256
+
+    path = Path(config.init_lora)
+    if not path.is_file():
+        from .config import ConfigError
+
+        raise ConfigError(INIT_LORA_SETTING, f"{path} is not a file: choose an existing LoRA file, or leave "
+                          "init_lora empty to start from zero")
+    return file_sha256(path, Path(config.cache_dir) if config.cache_dir else None)
 
 
 def model_sha256(config: Any) -> str:

@@ -93,12 +93,17 @@ class TrainingRun:
 
     # --- set-up ------------------------------------------------------------------------------
     def check_model(self) -> None:
-        """Open the base model before any photo is read: a wrong or half-downloaded file is reported
-        at once (header and size, ``safetensors_file``), not after scanning every photo."""
+        """Open the base model (and the LoRA to start from) before any photo is read: a wrong or
+        half-downloaded file is reported at once (header and size, ``safetensors_file``), not after
+        scanning every photo."""
         cfg = self.config
         self.events.status(f"checking {Path(cfg.pretrained_model).name}")
         self.source = ModelSource(cfg.pretrained_model, prediction_type=cfg.prediction_type,
                                   cache_dir=Path(cfg.cache_dir))
+        self.init_lora = lora.open_init_lora(cfg.init_lora) if cfg.init_lora else None
+        for level, message in lora.check_init_lora(self.init_lora, cfg) if self.init_lora else []:
+            self.events.status(message, level=level)
+        self.init_lora_sha256 = identity.init_lora_fingerprint(cfg)
 
     def load_data(self) -> None:
         """Read every photo (instance, and the user's class images) before the model is loaded; all
@@ -261,6 +266,9 @@ class TrainingRun:
             lora.add_lora(self.base.text_encoder, rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
                           targets=lora.TEXT_ENCODER_TARGETS[cfg.text_encoder_target], dropout=cfg.lora_dropout)
             groups.append({"params": self._lora_params(self.base.text_encoder), "lr": cfg.text_encoder_lr})
+        if self.init_lora is not None:  # before resume: a checkpoint of this training holds later weights
+            te = self.base.text_encoder if cfg.train_text_encoder else None
+            self.events.status(lora.load_init_lora(self.init_lora, self.base.unet, te, cfg))
         if cfg.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
@@ -311,7 +319,7 @@ class TrainingRun:
         """Continue from a checkpoint of this very training (``identity``), or say why not."""
         cfg = self.config
         self.identity = identity.build(cfg, base_model_sha256=self.base.sha256, instance_images=self.fingerprint,
-                                       class_images=self.class_fingerprint)
+                                       class_images=self.class_fingerprint, init_lora_sha256=self.init_lora_sha256)
         try:
             choice = checkpoint.find_resume_checkpoint(self.output_dir, cfg.resume, self.identity)
         except ValueError as exc:
