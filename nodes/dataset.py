@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from ..trainer import data
 from ..trainer.config import TrainConfig
+from .options import config_input, number_range
 from .types import Dataset, InstanceData, Prior, PriorPreservation
 
 logger = logging.getLogger(__name__)
@@ -386,8 +387,7 @@ class DreamBoothPriorPreservation(io.ComfyNode):
                 io.Int.Input(
                     "num_class_images",
                     default=_default("num_class_images"),
-                    min=1,
-                    max=10_000,
+                    **number_range("num_class_images", ui_max=10_000),
                     tooltip=(
                         "How many generic class images to train beside the subject. The paper uses 200 per "
                         "subject photo (about 1000 for 5 photos); 100 already keeps the class from drifting "
@@ -398,8 +398,7 @@ class DreamBoothPriorPreservation(io.ComfyNode):
                 io.Float.Input(
                     "prior_loss_weight",
                     default=_default("prior_loss_weight"),
-                    min=0.0,
-                    max=10.0,
+                    **number_range("prior_loss_weight", ui_max=10.0),
                     step=0.05,
                     tooltip=_help("prior_loss_weight") + " 1.0 as in the paper.",
                 ),
@@ -413,6 +412,12 @@ class DreamBoothPriorPreservation(io.ComfyNode):
                         "of other dogs). If it holds fewer than num_class_images, the rest are generated."
                     ),
                 ),
+                # Optional and after class_folder: saved workflows keep widget values by position.
+                config_input("class_generation_steps", optional=True),
+                config_input("class_generation_guidance", optional=True),
+                config_input("class_negative_prompt", optional=True,
+                             tooltip=_help("class_negative_prompt") + " Generated class images are kept per base "
+                                     "model, prompts, resolution, steps and CFG: changing one generates new ones."),
             ],
             outputs=[Prior.Output("prior", display_name="prior", tooltip="Connect to the train node's prior input.")],
         )
@@ -442,7 +447,10 @@ class DreamBoothPriorPreservation(io.ComfyNode):
     @classmethod
     @override
     def execute(cls, class_prompt: str, num_class_images: int, prior_loss_weight: float,
-                class_folder: str | None = NONE_CLASS_FOLDER) -> io.NodeOutput:
+                class_folder: str | None = NONE_CLASS_FOLDER,
+                class_generation_steps: int = _default("class_generation_steps"),
+                class_generation_guidance: float = _default("class_generation_guidance"),
+                class_negative_prompt: str = _default("class_negative_prompt")) -> io.NodeOutput:
         prompt = " ".join(class_prompt.split())
         if not prompt:
             raise ValueError(
@@ -456,7 +464,10 @@ class DreamBoothPriorPreservation(io.ComfyNode):
             fingerprint = data.dataset_fingerprint(scan(folder, input_root(), role="class"))
         return io.NodeOutput(PriorPreservation(class_prompt=prompt, num_class_images=num_class_images,
                                                prior_loss_weight=prior_loss_weight, class_folder=folder,
-                                               class_fingerprint=fingerprint))
+                                               class_fingerprint=fingerprint,
+                                               class_generation_steps=class_generation_steps,
+                                               class_generation_guidance=class_generation_guidance,
+                                               class_negative_prompt=class_negative_prompt))
 
 
 NODES: list[type[io.ComfyNode]] = [DreamBoothDataset, DreamBoothPriorPreservation]

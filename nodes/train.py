@@ -32,8 +32,10 @@ from ..trainer import identity
 from ..trainer.config import ConfigError, TrainConfig
 from ..trainer.launcher import TrainerProcess, describe_exit
 from ..trainer.plots import render_loss_curve
+from . import graph_settings as gs
+from .options import config_help, number_range
 from .trainer_process import METRICS_FILE, WARM_TRAINERS, MetricsLog, UiRelay, run_trainer
-from .types import Dataset, InstanceData, LoraFile, Prior, PriorPreservation, TrainedLora
+from .types import Dataset, InstanceData, LoraFile, Options, Prior, PriorPreservation, TrainedLora
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +47,13 @@ DEFAULT_CHECKPOINTING_STEPS = 100
 _BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f]')
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _SAMPLE_NAME = re.compile(r"^step_(\d+)_(\d+)\.png$")
-# Node input name -> TrainConfig key, where they differ (to name the widget in error messages).
-_CONFIG_KEYS = {"steps": "max_train_steps", "batch_size": "train_batch_size"}
-
-
-def _field(name: str) -> Any:
-    return TrainConfig.__dataclass_fields__[name]
-
-
-def _help(name: str) -> str:
-    return str(_field(name).metadata.get("help", ""))
+# Config key -> the train node's widget, where they differ (to name the widget in messages).
+_WIDGET_NAMES = {key: name for name, key in gs.TRAIN_INPUTS.items() if name != key}
+_help = config_help
 
 
 def _default(name: str) -> Any:
-    return _field(name).default
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 def _choices(name: str) -> list[str]:
@@ -134,37 +129,37 @@ def _trainer_device() -> str:
 
 
 def build_config(*, ckpt_path: Path, dataset: InstanceData, prior: PriorPreservation | None, rel_name: str,
-                 settings: dict[str, Any]) -> TrainConfig:
-    run_dir = runs_root() / rel_name
+                 settings: dict[str, Any], memory_preset: str = gs.CUSTOM_PRESET,
+                 options: gs.TrainOptions | None = None) -> tuple[TrainConfig, gs.GraphValues]:
+    """The run's config from the graph (see graph_settings for the order values override each other),
+    and where each value came from; a bad value is an error naming its widget and node."""
     metadata = {"dataset_fingerprint": dataset.fingerprint}
-    values: dict[str, Any] = {
+    if prior is not None and prior.class_fingerprint:
+        metadata["class_fingerprint"] = prior.class_fingerprint
+    node_filled: dict[str, Any] = {
         "pretrained_model": str(ckpt_path),
         "instance_data_dir": str(dataset.folder),
-        "instance_prompt": dataset.instance_prompt,
-        "use_captions": dataset.use_captions,
-        "resolution": dataset.resolution,
-        "crop": dataset.crop,
-        "output_dir": str(run_dir),
+        "output_dir": str(runs_root() / rel_name),
         "output_path": str(loras_root() / f"{rel_name}.safetensors"),
         "cache_dir": str(runs_root() / CACHE_NAME),
         "resume": "auto",
         "lora_name": rel_name.rsplit("/", 1)[-1],  # the title in the header; folders are this machine's
         "device": _trainer_device(),
+        "metadata": metadata,
     }
+    from_dataset = {"instance_prompt": dataset.instance_prompt, "use_captions": dataset.use_captions,
+                    "resolution": dataset.resolution, "crop": dataset.crop}
+    from_prior = None
     if prior is not None:
-        values |= {"with_prior_preservation": True, "class_prompt": prior.class_prompt,
-                   "num_class_images": prior.num_class_images, "prior_loss_weight": prior.prior_loss_weight,
-                   "class_data_dir": str(prior.class_folder) if prior.class_folder else None}
-        if prior.class_fingerprint:
-            metadata["class_fingerprint"] = prior.class_fingerprint
-    prompts = [line.strip() for line in str(settings.pop("validation_prompts", "")).splitlines() if line.strip()]
-    values |= {_CONFIG_KEYS.get(k, k): v for k, v in settings.items()}
-    values |= {"validation_prompts": prompts, "metadata": metadata}
-    try:
-        return TrainConfig.from_dict(values)
-    except ConfigError as exc:
-        widget = {v: k for k, v in _CONFIG_KEYS.items()}.get(exc.key, exc.key)
-        raise ValueError(f"{widget}: {str(exc).split(': ', 1)[-1]}") from exc
+        from_prior = {"class_prompt": prior.class_prompt, "num_class_images": prior.num_class_images,
+                      "prior_loss_weight": prior.prior_loss_weight,
+                      "class_data_dir": str(prior.class_folder) if prior.class_folder else None,
+                      "class_generation_steps": prior.class_generation_steps,
+                      "class_generation_guidance": prior.class_generation_guidance,
+                      "class_negative_prompt": prior.class_negative_prompt}
+    graph = gs.assemble(node_filled=node_filled, dataset=from_dataset, prior=from_prior, widgets=settings,
+                        memory_preset=memory_preset, options=options)
+    return gs.make_config(graph), graph
 
 
 def read_lora_metadata(path: Path) -> dict[str, str]:
@@ -175,12 +170,14 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
     return dict(read_header(path).metadata)
 
 
-def differences_from(path: Path, config: TrainConfig, *, instance_images: str) -> list[str]:
+def differences_from(path: Path, config: TrainConfig, *, instance_images: str,
+                     names: dict[str, str] | None = None) -> list[str]:
     """Why the LoRA at ``path`` is not what ``config`` would train ([] when it is).
 
     The engine's training identity decides (``trainer.identity``, the same one the trainer resumes by):
     contents of the base model and photos, the settings that change the weights, the step count.
-    ``instance_images`` is the dataset node's fingerprint of the photos.
+    ``instance_images`` is the dataset node's fingerprint of the photos; ``names`` maps config keys to
+    how the graph names them (the train node's widget names by default).
     """
     try:
         meta = read_lora_metadata(path)
@@ -193,7 +190,7 @@ def differences_from(path: Path, config: TrainConfig, *, instance_images: str) -
         stored = identity.TrainingIdentity.from_json(meta[identity.METADATA_KEY])
     except ValueError as exc:
         return [f"its {identity.METADATA_KEY} header cannot be read ({exc})"]
-    widget_names = {key: widget for widget, key in _CONFIG_KEYS.items()}
+    widget_names = names if names is not None else _WIDGET_NAMES
     found = [d.describe("in the file", widget_names)
              for d in identity.compare(stored, config, instance_images=instance_images)]
     if meta.get("ss_steps") != str(stored.steps):
@@ -283,8 +280,22 @@ def _result(rel_name: str, lora_path: Path, run_dir: Path, config: TrainConfig,
 
 
 def _lr_input(name: str, config_key: str) -> io.Float.Input:
-    return io.Float.Input(name, default=_default(config_key), min=0.0, max=1.0, step=0.000001,
-                          tooltip=_help(config_key))
+    # The step sets the frontend's rounding: 1e-7 keeps the smallest valid rate from rounding to 0.
+    return io.Float.Input(name, default=_default(config_key), step=1e-7, tooltip=_help(config_key),
+                          **number_range(config_key, ui_max=1.0))
+
+
+_BY_PRESET = " A memory_preset other than custom replaces this value."
+_PRESET_TOOLTIP = (
+    "Memory settings for a graphics card of this size (SD1.x at 512 px). A preset replaces batch_size, "
+    "gradient_checkpointing, train_text_encoder and mixed_precision above, the optimizer (8-bit AdamW on the "
+    "6 and 8 GB presets when bitsandbytes is installed and training runs on CUDA, else AdamW) and latent "
+    "caching, and lowers the dataset's resolution to its maximum (never raises it); 'CPU' also trains on the "
+    "CPU. Order, lowest first: engine defaults < the widgets above < memory_preset < options nodes. The "
+    "node's status line says what the preset set. "
+    + "; ".join(f"{p.label}: batch {p.train_batch_size}, max {p.max_resolution} px" for p in gs.MEMORY_PRESETS)
+    + "."
+)
 
 
 class DreamBoothTrain(io.ComfyNode):
@@ -314,47 +325,64 @@ class DreamBoothTrain(io.ComfyNode):
                                 tooltip="Saved as models/loras/<lora_name>.safetensors (subfolders allowed). The "
                                         "run folder (checkpoints, samples, trainer.log) is "
                                         f"output/{RUNS_SUBDIR}/<lora_name>/."),
-                io.Int.Input("steps", default=_default("max_train_steps"), min=1, max=1_000_000,
+                io.Int.Input("steps", default=_default("max_train_steps"),
+                             **number_range("max_train_steps", ui_max=1_000_000),
                              tooltip=_help("max_train_steps") + " 100-200 per photo is typical at lr 1e-4."),
                 _lr_input("learning_rate", "learning_rate"),
                 _lr_input("text_encoder_lr", "text_encoder_lr"),
                 io.Boolean.Input("train_text_encoder", default=_default("train_text_encoder"),
-                                 tooltip=_help("train_text_encoder") + " Learns the identifier better; costs memory."),
-                io.Int.Input("rank", default=_default("rank"), min=1, max=1024,
+                                 tooltip=_help("train_text_encoder") + " Learns the identifier better; costs memory."
+                                 + _BY_PRESET),
+                io.Int.Input("rank", default=_default("rank"), **number_range("rank", ui_max=1024),
                              tooltip=_help("rank") + " 4-32 is typical; higher = bigger file, more capacity."),
-                io.Float.Input("alpha", default=_default("alpha"), min=0.01, max=4096.0, step=0.5,
+                io.Float.Input("alpha", default=_default("alpha"), step=0.5, **number_range("alpha", ui_max=4096.0),
                                tooltip=_help("alpha") + " alpha = rank keeps the scale at 1."),
                 io.Combo.Input("unet_target", options=_choices("unet_target"), default=_default("unet_target"),
                                tooltip=_help("unet_target")),
-                io.Int.Input("batch_size", default=_default("train_batch_size"), min=1, max=256,
-                             tooltip=_help("train_batch_size")),
+                io.Int.Input("batch_size", default=_default("train_batch_size"),
+                             **number_range("train_batch_size", ui_max=256),
+                             tooltip=_help("train_batch_size") + _BY_PRESET),
                 io.Int.Input("gradient_accumulation_steps", default=_default("gradient_accumulation_steps"),
-                             min=1, max=1024, tooltip=_help("gradient_accumulation_steps")),
+                             **number_range("gradient_accumulation_steps", ui_max=1024),
+                             tooltip=_help("gradient_accumulation_steps")),
                 io.Boolean.Input("gradient_checkpointing", default=_default("gradient_checkpointing"),
-                                 tooltip=_help("gradient_checkpointing") + " Turn on when out of memory."),
+                                 tooltip=_help("gradient_checkpointing") + " Turn on when out of memory."
+                                 + _BY_PRESET),
                 io.Combo.Input("mixed_precision", options=_choices("mixed_precision"),
-                               default=_default("mixed_precision"), tooltip=_help("mixed_precision")),
+                               default=_default("mixed_precision"), tooltip=_help("mixed_precision") + _BY_PRESET),
                 io.Combo.Input("lr_scheduler", options=_choices("lr_scheduler"), default=_default("lr_scheduler"),
                                tooltip=_help("lr_scheduler")),
-                io.Int.Input("lr_warmup_steps", default=_default("lr_warmup_steps"), min=0, max=1_000_000,
+                io.Int.Input("lr_warmup_steps", default=_default("lr_warmup_steps"),
+                             **number_range("lr_warmup_steps", ui_max=1_000_000),
                              tooltip=_help("lr_warmup_steps")),
-                io.Float.Input("min_snr_gamma", default=_default("min_snr_gamma"), min=0.0, max=100.0, step=0.5,
+                io.Float.Input("min_snr_gamma", default=_default("min_snr_gamma"), step=0.5,
+                               **number_range("min_snr_gamma", ui_max=100.0),
                                tooltip=_help("min_snr_gamma")),
-                io.Int.Input("seed", default=_default("seed"), min=0, max=2**63 - 1, control_after_generate=False,
+                io.Int.Input("seed", default=_default("seed"), **number_range("seed", ui_min=0, ui_max=2**63 - 1),
+                             control_after_generate=False,
                              tooltip=_help("seed") + " Fixed on purpose: a new seed means a new training."),
-                io.Int.Input("checkpointing_steps", default=DEFAULT_CHECKPOINTING_STEPS, min=0, max=1_000_000,
+                io.Int.Input("checkpointing_steps", default=DEFAULT_CHECKPOINTING_STEPS,
+                             **number_range("checkpointing_steps", ui_max=1_000_000),
                              tooltip=_help("checkpointing_steps") + " Cancelling always saves one; these protect "
                                      "against crashes. Queueing again resumes from the newest."),
                 io.String.Input("validation_prompts", default="", multiline=True,
                                 tooltip="Prompts to sample during training, one per line (empty: no samples; the "
                                         "samples output is then one black 64x64 image). They do not change the "
                                         "LoRA: changing only them returns the LoRA already trained."),
-                io.Int.Input("validation_steps", default=_default("validation_steps"), min=0, max=1_000_000,
+                io.Int.Input("validation_steps", default=_default("validation_steps"),
+                             **number_range("validation_steps", ui_max=1_000_000),
                              tooltip=_help("validation_steps")),
                 io.Boolean.Input("overwrite", default=_default("overwrite"),
                                  tooltip="Replace an existing models/loras/<lora_name>.safetensors that was trained "
                                          "with other settings or images. Off: that is an error, so a good LoRA is "
                                          "never replaced by accident."),
+                # Optional and last, so saved workflows (widget values by position) and API prompts
+                # written before these inputs existed still load.
+                io.Combo.Input("memory_preset", options=gs.PRESET_CHOICES, default=gs.CUSTOM_PRESET, optional=True,
+                               tooltip=_PRESET_TOOLTIP),
+                Options.Input("options", optional=True,
+                              tooltip="Settings beyond these widgets, from the DreamBooth Options nodes (chain them). "
+                                      "They win over the widgets above and the memory_preset."),
             ],
             outputs=[
                 LoraFile.Output("lora", display_name="lora",
@@ -404,7 +432,8 @@ class DreamBoothTrain(io.ComfyNode):
                 batch_size: int, gradient_accumulation_steps: int, gradient_checkpointing: bool,
                 mixed_precision: str, lr_scheduler: str, lr_warmup_steps: int, min_snr_gamma: float, seed: int,
                 checkpointing_steps: int, validation_prompts: str, validation_steps: int, overwrite: bool,
-                prior: PriorPreservation | None = None) -> io.NodeOutput:
+                prior: PriorPreservation | None = None, memory_preset: str = gs.CUSTOM_PRESET,
+                options: gs.TrainOptions | None = None) -> io.NodeOutput:
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         ckpt_path = Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
         rel_name = sanitize_lora_name(lora_name)
@@ -420,11 +449,14 @@ class DreamBoothTrain(io.ComfyNode):
             "seed": seed, "checkpointing_steps": checkpointing_steps, "validation_prompts": validation_prompts,
             "validation_steps": validation_steps, "overwrite": overwrite,
         }
-        config = build_config(ckpt_path=ckpt_path, dataset=dataset, prior=prior, rel_name=rel_name,
-                              settings=settings)
+        config, graph = build_config(ckpt_path=ckpt_path, dataset=dataset, prior=prior, rel_name=rel_name,
+                                     settings=settings, memory_preset=memory_preset, options=options)
+        if graph.preset_status:
+            relay.status(graph.preset_status, memory_preset=memory_preset)
 
         if lora_path.is_file():
-            diffs = differences_from(lora_path, config, instance_images=dataset.fingerprint)
+            diffs = differences_from(lora_path, config, instance_images=dataset.fingerprint,
+                                     names={**_WIDGET_NAMES, **graph.display_names()})
             if not diffs:
                 relay.status(f"{lora_path.name} already holds this training (same settings, images and base "
                              "model): returned without training", reused=True)
@@ -451,7 +483,8 @@ class DreamBoothTrain(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
             raise mm.InterruptProcessingException()
         if outcome.returncode != 0:
-            message = f"{describe_exit(outcome.returncode, outcome.error, outcome.stderr_tail)}\n{log_note}"
+            error = with_graph_oom_advice(outcome.error)
+            message = f"{describe_exit(outcome.returncode, error, outcome.stderr_tail)}\n{log_note}"
             if outcome.error is None:
                 relay.error(message)
             raise RuntimeError(message)
@@ -464,6 +497,16 @@ class DreamBoothTrain(io.ComfyNode):
         sample_paths = [Path(str(s["path"])) for s in sorted(outcome.samples, key=lambda s: int(s.get("index", 0)))
                         if latest is not None and int(s.get("step", 0)) == latest]
         return _result(rel_name, lora_path, run_dir, config, sample_paths)
+
+
+def with_graph_oom_advice(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The trainer's out-of-memory error with its advice naming the graph's widgets and nodes instead of
+    config keys ("gradient_checkpointing (DreamBooth Train LoRA, or its memory_preset)")."""
+    if not error or error.get("kind") != "oom":
+        return error
+    from ..trainer.runtime import oom_advice
+
+    return {**error, "advice": oom_advice(display=gs.graph_location)}
 
 
 def prewarm_when_training_is_queued(json_data: Any) -> Any:
