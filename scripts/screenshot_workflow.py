@@ -73,7 +73,7 @@ def fake_events(steps: int = 40, total: int = 500) -> list[dict[str, Any]]:
         loss = 0.05 + 0.25 * 0.93 ** step + wobble * (0.3 + 0.7 * 0.95 ** step)
         events.append({"type": "progress", "phase": "train", "step": step * 5, "total": total})
         events.append({"type": "metrics", "step": step * 5, "total": total, "loss": round(loss, 5),
-                       "lr": 1e-4, "eta_s": (total - step * 5) * 0.31, "vram_peak_gb": 5.93})
+                       "lr": 1e-4, "ms_per_step": 310.0, "eta_s": (total - step * 5) * 0.31, "vram_peak_gb": 5.93})
     events.append({"type": "sample", "step": steps * 5, "path": "toy_00.png", "prompt": "a photo of fac dog on the beach",
                    "url": "/view?filename=toy_00.png&subfolder=my_subject&type=input"})
     events.append({"type": "status", "message": f"training: step {steps * 5} of {total}", "level": "info"})
@@ -275,7 +275,8 @@ let context = null;
     await page.waitForTimeout(1000);
     report.panel = { ...report.panel, ...(await page.evaluate(readPanel, cfg.train_node)) };
     const p = report.panel;
-    if (!/step \d+ \/ 500 · loss \d+\.\d{4}.* · VRAM 5\.9 GB$/.test(p.step ?? "")) problem(`panel step text is ${JSON.stringify(p.step)}`);
+    if (p.step !== "step 200 / 500 · 3.2 it/s · eta 1:33 · VRAM 5.9 GB") problem(`panel step text is ${JSON.stringify(p.step)}`);
+    if (p.points !== 40) problem(`the loss chart has ${p.points} points, expected 40`);
     if (!p.visible) problem(`panel is not visible on the canvas: ${JSON.stringify(p.rect)}`);
     if (!p.sparkline) problem("loss sparkline canvas is blank");
     if (!p.sampleLoaded) problem("latest sample image did not load");
@@ -366,8 +367,10 @@ async function checkWorkflow({ name, workflow }) {
 // Through the socket's own message handler, so the frontend's routing of custom events is tested too.
 async function sendEvents({ node, events }) {
   const api = window.comfyAPI.api.api;
+  const trainNode = window.comfyAPI.app.app.graph.getNodeById(node);
+  const run_name = trainNode?.widgets?.find((w) => w.name === "lora_name")?.value;
   for (const event of events) {
-    const data = JSON.stringify({ type: "dreambooth.train", data: { node: String(node), prompt_id: "demo", event } });
+    const data = JSON.stringify({ type: "dreambooth.train", data: { node: String(node), prompt_id: "demo", run_name, event } });
     api.socket.dispatchEvent(new MessageEvent("message", { data }));
     await new Promise((r) => setTimeout(r, 5));
   }
@@ -389,6 +392,7 @@ async function readPanel(nodeId) {
   if (!panel.image.hidden && !panel.image.complete) await new Promise((r) => panel.image.addEventListener("load", r, { once: true }));
   return {
     status: panel.status.textContent, step: panel.step.textContent, caption: panel.caption.textContent,
+    points: Number(panel.canvas.dataset.points),
     rect: { x: rect.x, y: rect.y, w: rect.width, h: rect.height },
     visible: rect.width > 40 && rect.height > 40 && !!hit && panel.root.contains(hit),
     sparkline: inked > 20, inked, sampleLoaded: !panel.image.hidden && panel.image.naturalWidth > 0,
