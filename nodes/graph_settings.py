@@ -120,7 +120,7 @@ def option_value(key: str, widget_value: Any) -> Any:
     return widget_value
 
 
-def parse_background(text: str) -> list[int]:
+def parse_background(text: str) -> tuple[int, ...]:
     parts = [p for p in str(text).replace(",", " ").split() if p]
     try:
         values = [int(p) for p in parts]
@@ -129,7 +129,7 @@ def parse_background(text: str) -> list[int]:
     if len(values) != 3:
         raise ValueError(f"{option_node_name('Saving & Advanced')}.background: must be three numbers 0-255 "
                          f"separated by commas (red, green, blue), e.g. '255, 255, 255'; got {text!r}.")
-    return values
+    return tuple(values)  # a tuple keeps the options payload hashable
 
 
 # --------------------------------------------------------------------------------------------- options

@@ -144,7 +144,7 @@ def test_option_widgets_that_mean_not_set_here() -> None:
     assert gs.option_value("resume", "resume automatically") == "auto"
     assert gs.option_value("device", gs.COMFYUI_DEVICE) is gs.UNSET and gs.option_value("device", " ") is gs.UNSET
     assert gs.option_value("device", "cuda:1") == "cuda:1"
-    assert gs.option_value("background", "0, 10,200") == [0, 10, 200]
+    assert gs.option_value("background", "0, 10,200") == (0, 10, 200)
     with pytest.raises(ValueError, match=r"Saving & Advanced\.background: must be three numbers"):
         gs.option_value("background", "white")
     chain = options(("Text Encoder", {"text_encoder_rank": 0, "text_encoder_alpha": 8.0,
