@@ -449,9 +449,13 @@ async function requestStop(panel) {
 let arrivedWhileRestoring = null;
 
 function onLive(detail) {
+  arrivedWhileRestoring?.push(detail);
+  applyLive(detail);
+}
+
+function applyLive(detail) {
   const node = findNode(detail?.node);
   if (!node || !detail.event || !isThisNodesRun(node, detail.run_name)) return;
-  arrivedWhileRestoring?.push(detail);
   const panel = ensurePanel(node);
   const run = panel.run;
   if (!run || run.prompt_id !== (detail.prompt_id ?? null) || run.run_name !== (detail.run_name ?? null)) startRun(panel, detail);
@@ -488,11 +492,9 @@ function restoreHistory() {
         done.add(node);
         replay(ensurePanel(node), run);
       }
-      // Live messages that crossed the request: the replay above may predate them.
-      for (const detail of arrivedWhileRestoring) {
-        const panel = findNode(detail.node)?.__dreambooth;
-        if (panel?.run && panel.run.prompt_id === detail.prompt_id) { apply(panel, detail.event); render(panel); }
-      }
+      // Live messages that crossed the request: the replay above may predate them (applying one
+      // twice is harmless: loss points and samples are keyed by step and URL).
+      for (const detail of arrivedWhileRestoring) applyLive(detail);
     } catch (err) {
       console.warn("DreamBooth: could not read the training history", err);
     } finally {
@@ -556,6 +558,11 @@ function prewarmTrainer() {
   api.fetchApi("/dreambooth/prewarm", { method: "POST" }).catch(() => {});
 }
 
+// Listening from the moment this file loads, not from setup(): the server sends these messages to every
+// tab, and the frontend logs an error for a message type nobody has registered yet (a tab reloaded
+// mid-run). Messages before the graph exists find no node and are covered by the history replay.
+api.addEventListener(EVENT, ({ detail }) => onLive(detail));
+
 app.registerExtension({
   name: "dreambooth_lora.train_progress",
   settings: [
@@ -589,7 +596,6 @@ app.registerExtension({
     restoreSoon();
   },
   setup() {
-    api.addEventListener(EVENT, ({ detail }) => onLive(detail));
     api.addEventListener("reconnected", () => restoreHistory());
     // ComfyUI's own end of a prompt, for a run that ended without the trainer saying so.
     for (const [type, state] of [["execution_error", "error"], ["execution_interrupted", "stopped"]]) {
