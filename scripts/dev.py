@@ -309,7 +309,8 @@ def leg_browser(pytest_args: list[str]) -> LegResult:
         return LegResult("failed", str(err))
     step(f"browser tools ready in {time.monotonic() - t0:.0f} s")
     env = child_env(force=True, extra={browser.CHROMIUM_ENV: chromium})
-    return _pytest(python, ["-m", "browser", *pytest_args], env)
+    # -raP: the passed tests' output too, for each frontend's timings and screenshot paths.
+    return _pytest(python, ["-m", "browser", "-raP", *pytest_args], env)
 
 
 LEGS = {

@@ -148,16 +148,21 @@ def test_live_view_stop_reload_resume(frontend: Frontend, tools: dict[str, Any],
         server_log = server.log_tail(6000)
     for kind, path in report.get("screenshots", {}).items():
         print(f"{frontend.label} screenshot ({kind}): {path}")
-    print(f"{frontend.label} phases: {report.get('phases')}")
     seen = report.get("seen", {})
+    print(f"{frontend.label}: seconds per phase {json.dumps({p['name']: p['s'] for p in report.get('phases', [])})}")
+    print(f"{frontend.label}: panel when stopped {json.dumps(seen.get('stopped'))}, resumed by "
+          f"{json.dumps(seen.get('resumed', {}).get('by'))}, finally {json.dumps(seen.get('final'))}")
     detail = ("problems:\n  " + "\n  ".join(report["problems"]) + f"\nseen: {json.dumps(seen, indent=1)}\n"
-              f"driver log (tail):\n{report['driver_log'][-3000:]}\nComfyUI log (tail):\n{server_log}")
+              "the pack's websocket messages (last 40):\n  " + "\n  ".join(report.get("events", [])[-40:]) +
+              f"\ndriver log (tail):\n{report['driver_log'][-3000:]}\nComfyUI log (tail):\n{server_log}")
     assert not report["problems"], detail
     expected = frontend.version
     assert seen.get("frontend") == expected, f"the page runs frontend {seen.get('frontend')}, not {expected}"
-    if frontend.vue_nodes:
-        assert seen.get("vueNodes") is True, f"Vue node rendering is not on: {seen.get('vueNodes')}"
+    assert bool(seen.get("vueNodes")) is frontend.vue_nodes, f"Comfy.VueNodes.Enabled is {seen.get('vueNodes')}"
     stopped, final = seen["stopped"], seen["final"]
+    # Drawn inside the Vue node component, not left floating over the canvas.
+    assert stopped["inVueNode"] is frontend.vue_nodes, detail
     assert stopped["points"] >= 3 and stopped["thumbsLoaded"] >= 1, detail
     assert seen["reloaded"]["points"] >= stopped["points"], detail
-    assert final["step"] >= stopped["step"], detail
+    # The resumed run carries the curve up to its checkpoint on.
+    assert final["step"] >= stopped["step"] and final["points"] >= stopped["points"], detail

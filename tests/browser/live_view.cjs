@@ -61,9 +61,6 @@ async function main() {
   await waitForApp();
   report.seen.frontend = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
   report.seen.vueNodes = await page.evaluate(() => window.comfyAPI.app.app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled") ?? null);
-  const registered = await page.evaluate(() =>
-    (window.comfyAPI.app.app.extensions ?? []).some((e) => e.name === "dreambooth_lora.train_progress"));
-  if (!registered) throw new Error("the pack's extension dreambooth_lora.train_progress is not registered");
   await closeDialogs("start-up");
 
   enter("load the workflow");
@@ -99,13 +96,18 @@ async function main() {
   report.seen.stopped = { ...(await page.evaluate(readPanel)), step: stoppedAt };
   await page.waitForTimeout(300); // let the chart draw its last point for the picture
   await screenshots(node);
+  // The node sends a last status once the trainer has exited; arriving while the reloaded page boots,
+  // before the extension listens, the frontend would log it as an unknown message type.
+  await waitForIdleServer("the stopped prompt to leave the server's queue");
 
   enter("reload the page");
   await page.reload({ waitUntil: "load" });
   await waitForApp();
+  // The frontend restores the open workflow from the browser's storage a moment after it boots.
+  await waitFor(`the workflow restored after the reload (node ${node} in the graph, with its panel)`,
+                (id) => !!window.comfyAPI.app.app.graph.getNodeById(id) && !!document.querySelector(".dreambooth-status"),
+                node, cfg.timeouts.boot);
   await closeDialogs("reload");
-  const again = await page.evaluate((id) => !!window.comfyAPI.app.app.graph.getNodeById(id), node);
-  if (!again) throw new Error(`after the reload the workflow has no node ${node}: the frontend did not restore it`);
   await page.evaluate(showNode, node);
   const before = report.seen.stopped.points;
   await waitFor(`the run's history in the panel after the reload (data-points >= ${before}, status 'stopped at step ${stoppedAt}')`,
@@ -133,6 +135,7 @@ async function main() {
                                             return new RegExp(re).test(t) ? t : false; },
                                   STOPPED.source, cfg.timeouts.stop);
   report.seen.final = { ...(await page.evaluate(readPanel)), step: Number(STOPPED.exec(finalText)[1]) };
+  await waitForIdleServer("the resumed prompt to leave the server's queue");
   if (report.seen.final.step < stoppedAt)
     problem(`the resumed run stopped at step ${report.seen.final.step}, before the first stop (${stoppedAt})`);
   enter("done");
@@ -164,14 +167,37 @@ function watchPage() {
     if (!benign(req.url()) && !/ERR_ABORTED/.test(req.failure()?.errorText ?? ""))
       problem(`request failed: ${req.url()} ${req.failure()?.errorText}`);
   });
-  page.on("dialog", (dialog) => { problem(`browser dialog: ${dialog.message()}`); dialog.dismiss().catch(() => {}); });
+  // The pack's websocket messages as the page received them, to tell in a failure what the server sent when.
+  report.events = [];
+  page.on("websocket", (ws) => ws.on("framereceived", ({ payload }) => {
+    if (typeof payload !== "string" || !payload.includes('"dreambooth.')) return;
+    try {
+      const { type, data } = JSON.parse(payload);
+      const e = data?.event ?? {};
+      report.events.push(`${((Date.now() - report.phases[0].t) / 1000).toFixed(1)} s [${phase}] ${type} node=${data?.node} `
+                         + `${e.type ?? ""} ${e.step ?? ""} ${e.message ?? e.status ?? ""}`.trim());
+      if (report.events.length > 400) report.events.splice(0, 100);
+    } catch { /* not JSON: not ours */ }
+  }));
+  page.on("dialog", (dialog) => {
+    // "Leave site? Changes may not be saved" on the reload, for the edited workflow: leave, as a user would.
+    if (dialog.type() === "beforeunload") { dialog.accept().catch(() => {}); return; }
+    problem(`browser dialog: ${dialog.type()} ${dialog.message()}`);
+    dialog.dismiss().catch(() => {});
+  });
 }
 
+// Booted: app, graph, canvas and socket exist, the pack's extension is registered and the splash
+// screen (frontends since about 1.40) is gone.
 async function waitForApp() {
-  await waitFor("the frontend's app, graph, canvas and socket",
-                () => !!(window.comfyAPI?.app?.app?.graph && window.comfyAPI?.api?.api?.socket?.readyState === 1
-                         && window.comfyAPI.app.app.canvas), null, cfg.timeouts.boot);
-  await page.waitForTimeout(500); // extensions finish their set-up after the app object appears
+  await waitFor("the frontend to boot (app, graph, canvas, open socket, the pack's extension, no splash screen)",
+                () => {
+                  const app = window.comfyAPI?.app?.app;
+                  return !!(app?.graph && app.canvas && app.vueAppReady && window.comfyAPI.api?.api?.socket?.readyState === 1
+                            && (app.extensions ?? []).some((e) => e.name === "dreambooth_lora.train_progress")
+                            && !document.getElementById("splash-loader"));
+                }, null, cfg.timeouts.boot);
+  await page.waitForTimeout(500); // the last extensions finish their set-up
 }
 
 // The frontend's dialogs (e.g. "missing nodes") are problems; they are closed so the run can go on.
@@ -186,6 +212,14 @@ async function closeDialogs(when) {
   }
 }
 
+async function waitForIdleServer(what) {
+  await waitFor(what, async () => {
+    const res = await window.comfyAPI.api.api.fetchApi("/queue");
+    const queue = res.ok ? await res.json() : null;
+    return !!queue && queue.queue_running.length === 0 && queue.queue_pending.length === 0;
+  }, null, cfg.timeouts.stop);
+}
+
 // The Queue/Run button of the top bar (the same test id from frontend 1.32 to 1.58).
 async function queueFromPage() {
   const button = page.locator('[data-testid="queue-button"]').first();
@@ -196,9 +230,14 @@ async function queueFromPage() {
 async function screenshots(nodeId) {
   const dir = cfg.screenshotDir;
   fs.mkdirSync(dir, { recursive: true });
-  const panel = page.locator(".dreambooth-status").locator("xpath=..");
+  // The panel: the smallest element holding both the status line and the loss chart.
+  const panel = await page.evaluateHandle(() => {
+    let el = document.querySelector(".dreambooth-status");
+    while (el && !el.querySelector("canvas.dreambooth-loss")) el = el.parentElement;
+    return el;
+  });
   report.screenshots.panel = path.join(dir, `panel-${cfg.label}.png`);
-  await panel.screenshot({ path: report.screenshots.panel });
+  await panel.asElement().screenshot({ path: report.screenshots.panel });
   const clip = await page.evaluate(nodeBox, nodeId);
   report.screenshots.node = path.join(dir, `node-${cfg.label}.png`);
   await page.screenshot({ path: report.screenshots.node, clip });
@@ -263,10 +302,17 @@ function nodeBox(id) {
 
 function readPanel() {
   const one = (sel) => document.querySelector(sel);
+  const app = window.comfyAPI?.app?.app;
+  const boot = { app: !!app, graph: !!app?.graph, canvas: !!app?.canvas, vueAppReady: !!app?.vueAppReady,
+                 socket: window.comfyAPI?.api?.api?.socket?.readyState ?? null,
+                 extension: (app?.extensions ?? []).some((e) => e.name === "dreambooth_lora.train_progress"),
+                 splash: !!document.getElementById("splash-loader"), nodes: app?.graph?.nodes?.length ?? null };
   const loss = one("canvas.dreambooth-loss");
   const thumbs = [...document.querySelectorAll(".dreambooth-gallery img.dreambooth-thumb")];
   return {
+    boot,
     panels: document.querySelectorAll(".dreambooth-status").length,
+    inVueNode: !!one(".dreambooth-status")?.closest("[data-node-id]"),
     status: one(".dreambooth-status")?.textContent ?? null,
     step: one(".dreambooth-step")?.textContent ?? null,
     points: loss ? Number(loss.dataset.points ?? NaN) : null,
