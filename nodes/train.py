@@ -32,6 +32,7 @@ from ..trainer import identity
 from ..trainer.config import ConfigError, TrainConfig
 from ..trainer.launcher import TrainerProcess, describe_exit
 from ..trainer.plots import render_loss_curve
+from ..trainer.run_folder import saved_samples
 from . import graph_settings as gs
 from .options import config_help, number_range
 from .trainer_process import METRICS_FILE, WARM_TRAINERS, MetricsLog, UiRelay, run_trainer
@@ -46,7 +47,6 @@ DEFAULT_LORA_NAME = "dreambooth/my_subject"
 DEFAULT_CHECKPOINTING_STEPS = 100
 _BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f]')
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
-_SAMPLE_NAME = re.compile(r"^step_(\d+)_(\d+)\.png$")
 # Config key -> the train node's widget, where they differ (to name the widget in messages).
 _WIDGET_NAMES = {key: name for name, key in gs.TRAIN_INPUTS.items() if name != key}
 _help = config_help
@@ -227,14 +227,9 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _latest_samples(run_dir: Path, up_to: int | None) -> list[Path]:
-    by_step: dict[int, list[tuple[int, Path]]] = {}
-    for path in (run_dir / "samples").glob("step_*.png"):
-        match = _SAMPLE_NAME.match(path.name)
-        if match and (up_to is None or int(match.group(1)) <= up_to):
-            by_step.setdefault(int(match.group(1)), []).append((int(match.group(2)), path))
-    if not by_step:
-        return []
-    return [p for _, p in sorted(by_step[max(by_step)])]
+    found = saved_samples(run_dir, up_to)
+    newest = max((step for step, _, _ in found), default=None)
+    return [path for step, _, path in found if step == newest]
 
 
 def load_images(paths: list[Path]) -> torch.Tensor:

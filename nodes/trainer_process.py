@@ -24,6 +24,7 @@ import comfy.utils
 import folder_paths
 
 from ..trainer.launcher import TrainerLaunchError, TrainerProcess, WarmTrainerPool, verify_hello
+from ..trainer.run_folder import saved_samples
 from .live_view import STORE, RunKey
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ HELLO_TIMEOUT_S = 120.0  # Python start-up plus the engine's light imports; slow
 STOP_TIMEOUT_S = 60.0  # a stop saves a checkpoint first; a real model's set-up may still be running
 _PROGRESS_EVERY_S = 0.25  # UI progress relays per second, at most (fast GPUs do many steps a second)
 METRICS_FILE = "metrics.jsonl"
+MAX_REPLAYED_SAMPLES = 200  # of the run a resumed run continues (the gallery shows the newest ones)
 WARM_IDLE_ENV = "DREAMBOOTH_WARM_TRAINER_IDLE_S"
 WARM_IDLE_DEFAULT_S = 600.0
 
@@ -207,8 +209,11 @@ def view_url(path: Path) -> str | None:
 
 class _Driver:
     def __init__(self, proc: TrainerProcess, relay: UiRelay, metrics: MetricsLog, total: int,
-                 node_id: str | None, stop_flag: threading.Event | None = None) -> None:
+                 node_id: str | None, stop_flag: threading.Event | None = None,
+                 run_dir: Path | None = None, prompts: list[str] | None = None) -> None:
         self.proc = proc
+        self.run_dir = run_dir  # where the samples of the run this one resumes lie
+        self.prompts = prompts or []  # validation prompts by index, to caption those samples
         self.stop_flag = stop_flag  # the web UI's Stop button (POST /dreambooth/stop)
         self.relay = relay
         self.metrics = metrics
@@ -249,6 +254,7 @@ class _Driver:
                     # A resumed run: the chart starts with the curve up to the checkpoint.
                     self.relay.send({"type": "loss_history", "points": thin_curve(self.metrics.curve()),
                                      "time": round(time.time(), 3)})
+                    self._replay_samples(up_to=step)
             self._progress(step, total)
             now = time.monotonic()
             if now - self.last_progress_relay < _PROGRESS_EVERY_S and step < total:
@@ -272,6 +278,18 @@ class _Driver:
         elif kind == "error":
             out.error = event
         self.relay.send(relayed)
+
+    def _replay_samples(self, up_to: int) -> None:
+        """A resumed run: the gallery keeps the samples taken before the checkpoint. Sent as sample events
+        marked ``earlier`` (the node's outputs only use this run's own samples)."""
+        if self.run_dir is None:
+            return
+        for step, index, path in saved_samples(self.run_dir, up_to)[-MAX_REPLAYED_SAMPLES:]:
+            url = view_url(path)
+            if url:
+                prompt = self.prompts[index] if index < len(self.prompts) else ""
+                self.relay.send({"type": "sample", "step": step, "index": index, "prompt": prompt,
+                                 "path": str(path), "url": url, "earlier": True})
 
     def request_stop(self) -> None:
         self.stop_sent_at = time.monotonic()
@@ -316,6 +334,14 @@ class _Driver:
         return self.outcome
 
 
+def _validation_prompts(config_path: Path) -> list[str]:
+    try:
+        prompts = json.loads(config_path.read_text(encoding="utf-8")).get("validation_prompts", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(p) for p in prompts] if isinstance(prompts, list) else []
+
+
 def run_trainer(config_path: Path, *, run_dir: Path, node_id: str | None, total_steps: int,
                 relay: UiRelay, metrics: MetricsLog) -> RunOutcome:
     """Run the trainer on ``config_path`` until it exits; stop it cleanly if the user interrupts.
@@ -337,7 +363,8 @@ def run_trainer(config_path: Path, *, run_dir: Path, node_id: str | None, total_
             else:
                 how = f"trainer started (pid {proc.pid})"
             relay.status(f"{how}; log: {log_path}", pid=proc.pid, warm=proc.warm)
-            outcome = _Driver(proc, relay, metrics, total_steps, node_id, stop_flag).run()
+            outcome = _Driver(proc, relay, metrics, total_steps, node_id, stop_flag, run_dir=run_dir,
+                              prompts=_validation_prompts(config_path)).run()
             stopped = outcome.stop_requested
             return outcome
     finally:

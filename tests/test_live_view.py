@@ -243,18 +243,20 @@ def test_a_run_is_kept_for_other_tabs_with_its_loss_points_and_samples(comfy_ser
 def test_stop_from_the_web_ui_keeps_a_checkpoint_and_queueing_again_resumes(comfy_server: ComfyServer) -> None:
     tag = uuid.uuid4().hex[:6]
     name = f"live_stop_{tag}"
-    prompt = train_inputs(comfy_server, photos(comfy_server, f"stop {tag}"), name, steps=1000)  # stopped at its first loss
+    # Stopped at its first validation sample, long before its last step.
+    prompt = train_inputs(comfy_server, photos(comfy_server, f"stop {tag}"), name, steps=1000,
+                          validation_prompts="a photo of fac dog", validation_steps=2)
     answers: list[Any] = []
     resumed_from: list[str] = []
 
-    def stop_at_first_loss(data: dict[str, Any]) -> None:
+    def stop_at_first_sample(data: dict[str, Any]) -> None:
         inner = data["event"]
-        if inner["type"] == "metrics" and not answers:
+        if inner["type"] == "sample" and not answers:
             answers.append(comfy_server.post_json("/dreambooth/stop", {"node": "2", "run_name": name}))
         elif inner["type"] == "status" and str(inner.get("message", "")).startswith("resumed from"):
             resumed_from.append(inner["message"])
 
-    assert follow(comfy_server, prompt, stop_at_first_loss) == "interrupted"
+    assert follow(comfy_server, prompt, stop_at_first_sample) == "interrupted"
     assert answers == [{"stopping": True}] and not resumed_from
     run = runs_of(comfy_server, name)[0]
     assert run["state"] == "stopped", run["state"]
@@ -269,12 +271,19 @@ def test_stop_from_the_web_ui_keeps_a_checkpoint_and_queueing_again_resumes(comf
     assert status == 400 and '"node"' in body["error"], body
 
     answers.clear()
-    assert follow(comfy_server, prompt, stop_at_first_loss) == "interrupted"
+    assert follow(comfy_server, prompt, stop_at_first_sample) == "interrupted"
     assert answers == [{"stopping": True}] and len(resumed_from) == 1 and checkpoints[-1].name in resumed_from[0]
     resumed = runs_of(comfy_server, name)[0]
     assert resumed["prompt_id"] != run["prompt_id"] and resumed["state"] == "stopped"
     history = next(e for e in resumed["events"] if e["type"] == "loss_history")
     assert history["points"] and history["points"][-1][0] <= int(checkpoints[-1].name.split("_")[1])
+    # The gallery keeps the samples of the stopped run: they come back with the resume, served by /view.
+    earlier = [e for e in resumed["events"] if e["type"] == "sample" and e.get("earlier")]
+    first_samples = [e for e in run["events"] if e["type"] == "sample"]
+    assert first_samples and [e["url"] for e in earlier][:len(first_samples)] == [e["url"] for e in first_samples]
+    assert all(e["prompt"] == "a photo of fac dog" for e in earlier)
+    with urllib.request.urlopen(comfy_server.url + earlier[0]["url"], timeout=10) as resp:
+        assert resp.status == 200 and resp.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:

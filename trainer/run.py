@@ -25,6 +25,7 @@ from .config import ConfigError, TrainConfig
 from .fileio import long_path
 from .models import BaseModel, ModelSource, drop_vae_decoder
 from .protocol import Commands, EventWriter, StopRequested
+from .run_folder import sample_path
 from .runtime import Runtime, free_accelerator_memory, peak_memory_gb, resolve_runtime, upcast_attention
 
 logger = logging.getLogger(__name__)
@@ -415,7 +416,7 @@ class TrainingRun:
                                               guidance=cfg.validation_guidance, size=cfg.resolution,
                                               autocast_dtype=self._autocast_dtype(),
                                               should_stop=self.commands.stop.is_set)
-                    out = self.output_dir / "samples" / f"step_{self.step:06d}_{i}.png"
+                    out = sample_path(self.output_dir, self.step, i)
                     Path(long_path(out.parent)).mkdir(parents=True, exist_ok=True)
                     image.save(long_path(out))
                     self.events.emit("sample", step=self.step, index=i, prompt=prompt, path=str(out))

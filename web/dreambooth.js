@@ -186,8 +186,12 @@ function addSample(panel, event) {
     select(panel, sample);
   });
   sample.thumb = thumb;
-  panel.gallery.prepend(thumb); // newest first
-  if (!panel.pinned) select(panel, sample);
+  // Newest first, by step: a resumed run first sends the samples taken before its checkpoint.
+  thumb.dataset.step = String(sample.step);
+  const older = [...panel.gallery.children].find((el) => Number(el.dataset.step) < Number(sample.step));
+  panel.gallery.insertBefore(thumb, older ?? null);
+  const newest = panel.samples.every((s) => Number(s.step) <= Number(sample.step));
+  if (!panel.pinned && newest) select(panel, sample);
 }
 
 function select(panel, sample) {
