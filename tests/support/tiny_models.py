@@ -331,6 +331,49 @@ def _save(sd: dict[str, Any], out: Path, save_file: Any, version: str = BUILDER_
     return {"tensors": len(sd), "params": sum(v.numel() for v in sd.values()), "bytes": out.stat().st_size}
 
 
+def tiny_clip_folder(dest: Path, seed: int = SEED + 10) -> Path:
+    """A tiny random CLIP (both towers) in transformers format under ``dest``, as the score models read it.
+
+    config.json + model.safetensors + preprocessor_config.json (32 px) + the pack's own CLIP
+    tokenizer files, so the vocabulary is CLIP's real 49408 tokens. Built in-process in about a second.
+    """
+    import shutil
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from .paths import REPO_ROOT
+
+    text = {**CLIP_L_TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 4}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "projection_dim": 16, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "image_size": 32, "patch_size": 8, "hidden_act": "quick_gelu"}
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dest), safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(dest))
+    for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+        shutil.copyfile(REPO_ROOT / "trainer" / "assets" / "clip_tokenizer" / name, dest / name)
+    return dest
+
+
+def tiny_dino_folder(dest: Path, seed: int = SEED + 11) -> Path:
+    """A tiny random ViT (DINO's layout: ViTModel without pooler) in transformers format under ``dest``."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    model = ViTModel(config, add_pooling_layer=False)
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dest), safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(str(dest))
+    return dest
+
+
 def _child_build(kind: str, out: Path, comfyui_root: Path) -> int:
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(comfyui_root))
