@@ -62,7 +62,9 @@ OPTION_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("validation_seed", "validation_inference_steps", "validation_guidance", "validation_negative_prompt")),
     ("DreamBoothOptionsAdvanced", "Saving & Advanced",
      ("save_precision", "checkpoints_total_limit", "resume", "init_lora", "prediction_type", "attention",
-      "cache_latents", "random_flip", "device", "background")),
+      "cache_latents", "random_flip", "device", "background",
+      # Last and optional: saved workflows (widget values by position) and API prompts made before it still load.
+      "save_lora_every_n_steps")),
 )
 
 # Keys no widget sets: the train node fills them, each for the reason given.
@@ -71,6 +73,8 @@ NODE_FILLED: dict[str, str] = {
     "instance_data_dir": "the dataset node's resolved folder (folder, folder_path, or the images written to temp/)",
     "output_dir": "output/dreambooth/<lora_name>/: the run folder follows lora_name",
     "output_path": "models/loras/<lora_name>.safetensors, so LoraLoader lists the result",
+    "intermediate_lora_dir": "models/loras/<lora_name>_steps/, so LoraLoader lists the LoRAs saved every "
+                             "save_lora_every_n_steps steps too",
     "cache_dir": "output/dreambooth/_cache/, shared by all runs (class images, model hashes)",
     "lora_name": "the last part of lora_name (the title in the LoRA header)",
     "identifier": "the word the instance prompt has beyond the class prompt (metadata only)",

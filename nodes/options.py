@@ -40,6 +40,7 @@ _UI: dict[str, dict[str, Any]] = {
     "validation_inference_steps": {"max": 200},
     "validation_guidance": {"max": 100.0, "step": 0.5},
     "checkpoints_total_limit": {"max": 10_000},
+    "save_lora_every_n_steps": {"max": 1_000_000},
     "class_generation_steps": {"max": 200},
     "class_generation_guidance": {"max": 100.0, "step": 0.5},
 }
@@ -53,7 +54,12 @@ _TIPS: dict[str, str] = {
     "init_lora": " 'none' starts from zero. Lists models/loras (refresh the page after adding one).",
     "device": f" {gs.COMFYUI_DEVICE!r} (or empty): where ComfyUI computes ('--cpu' means the CPU).",
     "background": " Three numbers 0-255: red, green, blue.",
+    "save_lora_every_n_steps": " They go to models/loras/<lora_name>_steps/ (every LoRA list shows them after a "
+                               "refresh) and to the train node's intermediate_loras output.",
 }
+# Widgets added after workflows were saved: optional, so an API prompt without them still validates (a
+# missing one leaves the engine default).
+_ADDED_LATER = ("save_lora_every_n_steps",)
 
 
 def _plain_type(key: str) -> Any:
@@ -134,7 +140,7 @@ def _option_widget(key: str) -> io.Input:
         return config_input(key, default=gs.COMFYUI_DEVICE)
     if key == "background":
         return config_input(key, default=", ".join(str(c) for c in config_default(key)), text=True)
-    return config_input(key)
+    return config_input(key, optional=key in _ADDED_LATER)
 
 
 class _OptionsNode(io.ComfyNode):
@@ -167,6 +173,8 @@ class _OptionsNode(io.ComfyNode):
         node = gs.option_node_name(cls.GROUP)
         values = {}
         for key in cls.KEYS:
+            if key not in widgets:  # an optional widget the prompt leaves out (_ADDED_LATER)
+                continue
             raw = widgets[key]
             if key == "init_lora":
                 raw = _init_lora_path(node, raw)
@@ -202,8 +210,9 @@ class DreamBoothOptionsValidation(_OptionsNode):
 
 class DreamBoothOptionsAdvanced(_OptionsNode):
     GROUP, KEYS = gs.OPTION_GROUPS[3][1], gs.OPTION_GROUPS[3][2]
-    SUMMARY = ("Saving (precision, checkpoints kept, resume or start fresh, start from an existing LoRA) and the "
-               "rest: prediction type, attention kernel, latent caching, flips, device, background colour.")
+    SUMMARY = ("Saving (precision, checkpoints kept, resume or start fresh, start from an existing LoRA, a LoRA "
+               "file every N steps) and the rest: prediction type, attention kernel, latent caching, flips, device, "
+               "background colour.")
 
 
 NODES: list[type[io.ComfyNode]] = [DreamBoothOptionsOptimizer, DreamBoothOptionsTextEncoder,

@@ -29,14 +29,14 @@ from PIL import Image
 from typing_extensions import override
 
 from ..trainer import identity
-from ..trainer.config import ConfigError, TrainConfig
+from ..trainer.config import ConfigError, TrainConfig, intermediate_loras
 from ..trainer.launcher import TrainerProcess, describe_exit
 from ..trainer.plots import render_loss_curve
 from ..trainer.run_folder import saved_samples
 from . import graph_settings as gs
 from .options import config_help, number_range
 from .trainer_process import METRICS_FILE, WARM_TRAINERS, MetricsLog, UiRelay, run_trainer
-from .types import Dataset, InstanceData, LoraFile, Options, Prior, PriorPreservation, TrainedLora
+from .types import Dataset, InstanceData, LoraFile, LoraList, Options, Prior, PriorPreservation, TrainedLora
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ CACHE_NAME = "_cache"  # shared by all runs: generated class images, model hashe
 DEFAULT_LORA_NAME = "dreambooth/my_subject"
 # Saved every N steps so a crash or a killed server loses at most that much; a stop saves anyway.
 DEFAULT_CHECKPOINTING_STEPS = 100
+# models/loras/<lora_name><INTERMEDIATE_SUFFIX>/ holds the LoRAs saved every save_lora_every_n_steps steps:
+# inside models/loras, so every LoRA dropdown lists them, and beside the final LoRA, so they are found by name.
+INTERMEDIATE_SUFFIX = "_steps"
 _BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f]')
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 # Config key -> the train node's widget, where they differ (to name the widget in messages).
@@ -141,6 +144,7 @@ def build_config(*, ckpt_path: Path, dataset: InstanceData, prior: PriorPreserva
         "instance_data_dir": str(dataset.folder),
         "output_dir": str(runs_root() / rel_name),
         "output_path": str(loras_root() / f"{rel_name}.safetensors"),
+        "intermediate_lora_dir": str(loras_root() / f"{rel_name}{INTERMEDIATE_SUFFIX}"),
         "cache_dir": str(runs_root() / CACHE_NAME),
         "resume": "auto",
         "lora_name": rel_name.rsplit("/", 1)[-1],  # the title in the header; folders are this machine's
@@ -256,6 +260,33 @@ def pil_to_image(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
+def saved_intermediate_loras(config: TrainConfig, final_metadata: dict[str, str]) -> tuple[TrainedLora, ...]:
+    """The intermediate LoRAs of the training in ``final_metadata`` (the final LoRA's header), in step order.
+
+    Only files whose training identity is the final LoRA's are listed: the folder may also hold those of an
+    earlier training under the same name (other settings, or other step counts whose files were kept).
+    """
+    wanted = final_metadata.get(identity.METADATA_KEY)
+    if not wanted:
+        return ()
+    try:
+        key = identity.TrainingIdentity.from_json(wanted).key()
+    except ValueError:
+        return ()
+    root = loras_root()
+    found = []
+    for _step, path in intermediate_loras(Path(config.intermediate_lora_dir), Path(config.output_path).stem):
+        try:
+            meta = read_lora_metadata(path)
+            ours = identity.TrainingIdentity.from_json(meta.get(identity.METADATA_KEY, "")).key() == key
+        except Exception:  # noqa: BLE001 - a half-written or foreign file is simply not listed
+            ours = False
+        if ours:
+            name = path.resolve().relative_to(root).as_posix() if path.resolve().is_relative_to(root) else path.name
+            found.append(TrainedLora(path=path, name=name, metadata=meta))
+    return tuple(found)
+
+
 def _result(rel_name: str, lora_path: Path, run_dir: Path, config: TrainConfig,
             sample_paths: list[Path] | None = None) -> io.NodeOutput:
     meta = read_lora_metadata(lora_path)
@@ -268,7 +299,7 @@ def _result(rel_name: str, lora_path: Path, run_dir: Path, config: TrainConfig,
                               title=f"loss of {rel_name}")
     samples = load_images(sample_paths if sample_paths else _latest_samples(run_dir, step))
     trained = TrainedLora(path=lora_path, name=f"{rel_name}.safetensors", metadata=meta)
-    return io.NodeOutput(trained, pil_to_image(curve), samples)
+    return io.NodeOutput(trained, pil_to_image(curve), samples, saved_intermediate_loras(config, meta))
 
 
 # --------------------------------------------------------------------------------------------- node
@@ -387,6 +418,12 @@ class DreamBoothTrain(io.ComfyNode):
                 io.Image.Output("samples", display_name="samples",
                                 tooltip="Validation samples of the last sampled step, one per prompt; a single "
                                         "black 64x64 image when no validation prompts were given."),
+                # Appended last: saved workflows link outputs by position.
+                LoraList.Output("intermediate_loras", display_name="intermediate_loras",
+                                tooltip="The LoRAs saved every save_lora_every_n_steps steps (DreamBooth Options: "
+                                        "Saving & Advanced), in step order, from models/loras/<lora_name>"
+                                        f"{INTERMEDIATE_SUFFIX}/; empty when that setting is 0. The final LoRA is "
+                                        "the lora output."),
             ],
         )
 
@@ -435,6 +472,7 @@ class DreamBoothTrain(io.ComfyNode):
         relay = UiRelay(node_id, run_name=rel_name)
         lora_path = _inside(loras_root() / f"{rel_name}.safetensors", loras_root())
         run_dir = _inside(runs_root() / rel_name, runs_root())
+        _inside(loras_root() / f"{rel_name}{INTERMEDIATE_SUFFIX}", loras_root())
         settings = {
             "steps": steps, "learning_rate": learning_rate, "text_encoder_lr": text_encoder_lr,
             "train_text_encoder": train_text_encoder, "rank": rank, "alpha": alpha, "unet_target": unet_target,

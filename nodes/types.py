@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..trainer.config import TrainConfig
 from .graph_settings import OptionValue, TrainOptions
 
-__all__ = ["Dataset", "InstanceData", "LoraFile", "OptionValue", "Options", "Prior", "PriorPreservation",
+__all__ = ["Dataset", "InstanceData", "LoraFile", "LoraList", "OptionValue", "Options", "Prior", "PriorPreservation",
            "TrainOptions", "TrainedLora"]
 
 # A trained LoRA travelling from the train node to the loader without a round-trip through the
@@ -26,6 +26,11 @@ class TrainedLora:
     path: Path
     name: str  # relative to models/loras, as LoraLoader's dropdown shows it
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# The LoRAs saved every save_lora_every_n_steps steps of one training (payload: a tuple of TrainedLora
+# in step order, the final LoRA not included), e.g. for a node that renders each of them side by side.
+LoraList = io.Custom("DREAMBOOTH_LORA_LIST")
 
 
 # Training images as the train node needs them: a folder on disk (the trainer is a separate process

@@ -281,8 +281,10 @@ def test_options_nodes_schema(comfy_server) -> None:
         assert spec["category"] == "DreamBooth/train/options"
         assert spec["output"] == ["DREAMBOOTH_TRAIN_OPTIONS"]
         assert spec["input"]["optional"]["options"][0] == "DREAMBOOTH_TRAIN_OPTIONS"
-        assert list(spec["input"]["required"]) == list(keys)
-        for name, entry in spec["input"]["required"].items():
+        # Widgets added after workflows were saved are optional and come last (widget values are by position).
+        optional = {k: v for k, v in spec["input"]["optional"].items() if k != "options"}
+        assert list(spec["input"]["required"]) + list(optional) == list(keys)
+        for name, entry in {**spec["input"]["required"], **optional}.items():
             assert entry[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
             field = TrainConfig.__dataclass_fields__[name]
             if field.metadata.get("help"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ NOT_IN_TRAINING_SIGNATURE = frozenset({
     "validation_prompts", "validation_steps", "validation_seed", "validation_inference_steps",
     "validation_guidance", "validation_negative_prompt", "output_path", "overwrite", "checkpointing_steps",
     "checkpoints_total_limit", "resume", "cache_dir", "lora_name", "identifier", "metadata", "device",
-    "output_dir", "gradient_checkpointing", "attention", "cache_latents",
+    "output_dir", "gradient_checkpointing", "attention", "cache_latents", "save_lora_every_n_steps",
+    "intermediate_lora_dir",
 })
 
 
@@ -177,6 +179,13 @@ class TrainConfig:
         "schedule allows it; 'none' starts fresh; or a checkpoint folder path.",
         default="auto",
     )
+    save_lora_every_n_steps: int = _help(
+        "Also save the LoRA every N steps as a file of its own in intermediate_lora_dir (the same format and "
+        "metadata as the final LoRA, with its step), to compare the stages of a training; the last step is the "
+        "final LoRA itself. 0 disables.", default=0, min=0)
+    intermediate_lora_dir: str = _help(
+        "Folder of the LoRAs saved every save_lora_every_n_steps steps, named "
+        "<output_path's name>_step<NNNNNN>.safetensors. Default: <output_dir>/loras.", default="")
     cache_dir: str = _help(
         "Shared cache (generated class images, model hashes). Default: <output_dir>/cache.", default=""
     )
@@ -227,12 +236,23 @@ class TrainConfig:
             self.output_path = str(Path(self.output_dir) / "lora.safetensors")
         if not self.cache_dir:
             self.cache_dir = str(Path(self.output_dir) / "cache")
+        if not self.intermediate_lora_dir:
+            self.intermediate_lora_dir = str(Path(self.output_dir) / "loras")
         if self.text_encoder_rank is None:
             self.text_encoder_rank = self.rank
         if self.text_encoder_alpha is None:
             self.text_encoder_alpha = self.alpha
         if not self.lora_name:
             self.lora_name = Path(self.output_path).stem
+
+    def intermediate_lora_path(self, step: int) -> Path:
+        """Where the LoRA of ``step`` is saved (save_lora_every_n_steps); zero-padded so names sort by step."""
+        return Path(self.intermediate_lora_dir) / f"{Path(self.output_path).stem}_step{step:06d}.safetensors"
+
+    def intermediate_lora_steps(self) -> list[int]:
+        """The steps whose LoRA is saved as an intermediate file: never the last, which is the final LoRA."""
+        every = self.save_lora_every_n_steps
+        return list(range(every, self.max_train_steps, every)) if every else []
 
     # --- (de)serialisation -------------------------------------------------------------------
     @classmethod
@@ -283,6 +303,17 @@ class TrainConfig:
                                                f", <= {high:g}" if high is not None else ""))
             lines.append(f"  {f.name} (default {json.dumps(default)}{limits}): {f.metadata.get('help', '')}")
         return "\n".join(lines)
+
+
+def intermediate_loras(folder: Path, stem: str) -> list[tuple[int, Path]]:
+    """(step, path) of the intermediate LoRAs named after ``stem`` in ``folder``, in step order."""
+    found = []
+    pattern = re.compile(re.escape(stem) + r"_step(\d{6,})\.safetensors")
+    for path in folder.glob("*.safetensors") if folder.is_dir() else ():
+        match = pattern.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

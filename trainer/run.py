@@ -382,6 +382,43 @@ class TrainingRun:
         return lora.lora_metadata(self.config, self.base, step=self.step, version=__version__,
                                   identity=self.identity)
 
+    def check_intermediate_loras(self) -> None:
+        """Refuse, before the first step, to replace an intermediate LoRA of another training.
+
+        The same rule as the final LoRA: a file this run would write that holds a different training
+        (its identity header differs, or it has none) is replaced only with ``overwrite``; otherwise the
+        error names it. A file of this very training (written before a crash, rewritten identically) and
+        files at steps this run does not write (before the step it resumes from) are left as they are.
+        """
+        cfg = self.config
+        if cfg.overwrite:
+            return
+        for step in cfg.intermediate_lora_steps():
+            path = cfg.intermediate_lora_path(step)
+            if step < self.step or not Path(long_path(path)).exists():
+                continue
+            if not self._holds_this_training(path):
+                raise ConfigError("overwrite", f"{path} already exists and holds another training; set overwrite to "
+                                  "replace it, move it away, or choose another name (save_lora_every_n_steps "
+                                  "saves a LoRA there at that step)")
+
+    def _holds_this_training(self, path: Path) -> bool:
+        return _identity_key(path) == self.identity.key()
+
+    def save_intermediate_lora(self, *, keep_this_trainings: bool = False) -> None:
+        """The LoRA at this step as a file of its own, written like the final one (atomically, same header).
+
+        ``keep_this_trainings``: leave a file of this training at this step as it is. Decided by the main
+        process alone: another process could look after the file is written.
+        """
+        path = self.config.intermediate_lora_path(self.step)
+        if self.accelerator.is_main_process and not (
+                keep_this_trainings and Path(long_path(path)).exists() and self._holds_this_training(path)):
+            # check_intermediate_loras already refused another training's file; this training's is rewritten.
+            lora.write_safetensors_atomic(self._kohya(), path, self._metadata(), overwrite=True)
+            self.events.status(f"saved the LoRA of step {self.step} as {path.name}")
+        self.accelerator.wait_for_everyone()
+
     def save_final_lora(self) -> Path:
         path = Path(self.config.output_path)
         if self.accelerator.is_main_process:
@@ -548,7 +585,7 @@ class TrainingRun:
         # Checks before work, cheapest first: the config is valid already; then the model file's
         # header and size, then every photo; only then is anything loaded.
         for phase in (self.check_model, self.load_data, self.load_model, self.prepare_class_images,
-                      self.build_caches, self.setup_lora, self.resume_if_possible):
+                      self.build_caches, self.setup_lora, self.resume_if_possible, self.check_intermediate_loras):
             self.commands.check_stop()
             phase()
         for model in self.trainable_models:
@@ -559,6 +596,10 @@ class TrainingRun:
         total = cfg.max_train_steps
         events.emit("progress", phase="train", step=self.step, total=total)
         train_seconds, first = 0.0, self.step
+        if self.step in cfg.intermediate_lora_steps():
+            # Resumed at a step whose LoRA file is missing: a run that ended there (it was then the final
+            # LoRA) and now trains longer, or a crash right after the checkpoint. The weights are that step's.
+            self.save_intermediate_lora(keep_this_trainings=True)
         while self.step < total:
             stop, sample_now, save_now = self.take_commands()
             if stop:
@@ -575,6 +616,9 @@ class TrainingRun:
                         lr_text_encoder=lrs[1] if len(lrs) > 1 else 0.0, ms_per_step=round(ms_per_step, 2),
                         eta_s=round(ms_per_step * (total - self.step) / 1000, 1), **peak_memory_gb(self.device))
             if self.step < total:
+                # Before the checkpoint: a checkpoint at this step then implies its LoRA file exists.
+                if cfg.save_lora_every_n_steps and self.step % cfg.save_lora_every_n_steps == 0:
+                    self.save_intermediate_lora()
                 if save_now or (cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0):
                     self.save_checkpoint()
                 if sample_now or (cfg.validation_steps and self.step % cfg.validation_steps == 0):
@@ -595,6 +639,17 @@ def _forget_previous_single_process_run() -> None:
     if "WORLD_SIZE" not in os.environ and AcceleratorState._shared_state:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def _identity_key(path: Path) -> str | None:
+    """The training identity key in a LoRA's header; None when it has none or cannot be read."""
+    from .safetensors_file import read_header
+
+    try:
+        text = dict(read_header(Path(long_path(path))).metadata).get(identity.METADATA_KEY)
+        return identity.TrainingIdentity.from_json(text).key() if text else None
+    except Exception:  # noqa: BLE001 - an unreadable file is not this training's
+        return None
 
 
 def derived_seed(*parts: object) -> int:
