@@ -16,6 +16,7 @@ _NODE_MODULES = (
     "options",
     "lora_loader",
     "controlnet",
+    "scores",
 )
 
 
