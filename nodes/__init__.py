@@ -17,6 +17,7 @@ _NODE_MODULES = (
     "lora_loader",
     "controlnet",
     "scores",
+    "compare_grid",
 )
 
 

@@ -1,0 +1,406 @@
+"""A labelled comparison grid: prompts as columns, base model and LoRA settings as rows.
+
+Every cell is sampled with the same seed and settings except the row's LoRA, strengths and CFG,
+so the differences between cells are the differences the settings make. LoRAs are applied with
+the loader node's `apply_lora` (same fit checks, clones per row so no patch leaks into the next
+row), conditioning goes through core's CLIPTextEncode and ControlNetApplyAdvanced, sampling
+through `comfy.sample` as core's KSampler does.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image, ImageDraw, ImageFont
+from typing_extensions import override
+
+import nodes as core_nodes
+
+from .lora_loader import _file_signature, _load_tensors, apply_lora
+from .types import LoraFile, LoraList, TrainedLora
+
+logger = logging.getLogger(__name__)
+
+MAX_CELLS = 256
+GRID_FOLDER = "dreambooth_grids"
+_PROMPT_LINES = 3  # column label lines before the prompt is cut with an ellipsis
+_NAME_CHARS = 32  # a LoRA name longer than this is shortened in its row label
+CSV_FIELDS = ("row", "column", "lora", "lora_path", "unet_strength", "text_encoder_strength", "cfg", "prompt",
+              "negative_prompt", "seed", "steps", "sampler", "scheduler", "width", "height", "image_file")
+
+
+@dataclass(frozen=True)
+class _Lora:
+    path: Path
+    name: str  # as models/loras lists it
+
+
+@dataclass(frozen=True)
+class _Row:
+    lora: _Lora | None  # None: the model without LoRA
+    unet: float | None
+    text_encoder: float | None
+    cfg: float
+
+    def label_lines(self) -> list[str]:
+        if self.lora is None:
+            return ["base (no LoRA)", f"cfg {self.cfg:g}"]
+        return [_short_name(self.lora.name), f"unet {self.unet:g} / te {self.text_encoder:g}", f"cfg {self.cfg:g}"]
+
+
+def _short_name(name: str) -> str:
+    stem = Path(name).stem
+    return stem if len(stem) <= _NAME_CHARS else stem[: _NAME_CHARS - 3] + "..."
+
+
+def parse_numbers(text: str, input_name: str) -> list[float]:
+    """'0, 0.5,1' -> [0.0, 0.5, 1.0]; ValueError naming the input for anything else."""
+    parts = [p.strip() for p in str(text).replace("\n", ",").split(",")]
+    values = []
+    for part in parts:
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{input_name}: {part!r} is not a number. Write comma-separated numbers, e.g. '0, 0.5, 1'."
+            )
+        values.append(value)
+    if not values:
+        raise ValueError(f"{input_name} is empty. Write at least one number, e.g. '1.0' (comma-separated for more).")
+    return values
+
+
+def parse_prompts(text: str) -> list[str]:
+    prompts = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("prompts is empty. Write one prompt per line; each line becomes a column of the grid.")
+    return prompts
+
+
+def collect_loras(loras: tuple[TrainedLora, ...] | None, lora: TrainedLora | None, lora_names: str) -> list[_Lora]:
+    """The LoRAs to compare, in order: the list (training steps), the single one, then the named files."""
+    found: list[_Lora] = []
+    for label, items in (("loras", list(loras or ())), ("lora", [lora] if lora is not None else [])):
+        for item in items:
+            path = Path(item.path)
+            if not path.is_file():
+                raise ValueError(
+                    f"{label}: LoRA {item.name!r} points to {path}, which does not exist (deleted or moved since "
+                    "training?). Re-run the train node or list the file in lora_names."
+                )
+            found.append(_Lora(path, item.name or path.name))
+    for name in (line.strip() for line in str(lora_names or "").splitlines()):
+        if not name:
+            continue
+        full = folder_paths.get_full_path("loras", name)
+        if full is None:
+            raise ValueError(
+                f"lora_names: {name!r} is not in models/loras. Write the file name as the LoRA loader's list "
+                "shows it (with sub-folder and extension), one per line, or put the file into models/loras."
+            )
+        found.append(_Lora(Path(full), name))
+    unique: dict[Path, _Lora] = {}
+    for item in found:
+        unique.setdefault(item.path.resolve(), item)
+    return list(unique.values())
+
+
+def plan_rows(loras: list[_Lora], include_base: bool, unet: list[float], text_encoder: list[float],
+              cfgs: list[float]) -> list[_Row]:
+    rows = [_Row(None, None, None, cfg) for cfg in cfgs] if include_base else []
+    for lora in loras:
+        rows += [_Row(lora, u, t, c) for u in unet for t in text_encoder for c in cfgs]
+    return rows
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(text: str, font: Any, width: float) -> str:
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _wrap(text: str, font: Any, width: float, max_lines: int) -> list[str]:
+    # Character count per line from the average glyph width, then each line trimmed to the pixel width.
+    per_line = max(1, int(width / max(font.getlength("abcdefghij") / 10, 1)))
+    lines = textwrap.wrap(text, per_line, break_long_words=True) or [""]
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        lines = [*lines[: max_lines - 1], last.rstrip() + "..."]
+    return [_fit(line, font, width) for line in lines]
+
+
+def draw_grid(cells: list[np.ndarray], rows: list[list[str]],
+              columns: list[str]) -> tuple[Image.Image, dict[str, int]]:
+    """One picture of all cells (uint8 HxWx3, row-major) with row labels left and prompts on top."""
+    cell_h, cell_w = cells[0].shape[:2]
+    font_px = max(11, min(48, round(min(cell_w, cell_h) / 20)))
+    font = _font(font_px)
+    pad = max(3, font_px // 3)
+    line_h = font_px + max(2, font_px // 4)
+    text_w = max(cell_w - 2 * pad, font_px)
+    col_lines = [_wrap(text, font, text_w, _PROMPT_LINES) for text in columns]
+    label_cap = max(cell_w, 12 * font_px)
+    row_lines = [[_fit(line, font, label_cap) for line in lines] for lines in rows]
+    left = 2 * pad + math.ceil(max(font.getlength(line) for lines in row_lines for line in lines))
+    top = 2 * pad + line_h * max(len(lines) for lines in col_lines)
+    grid = Image.new("RGB", (left + cell_w * len(columns), top + cell_h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, lines in enumerate(col_lines):
+        for i, line in enumerate(lines):
+            draw.text((left + c * cell_w + pad, pad + i * line_h), line, fill="black", font=font)
+    for r, lines in enumerate(row_lines):
+        y0 = top + r * cell_h + max(pad, (cell_h - line_h * len(lines)) // 2)
+        for i, line in enumerate(lines):
+            draw.text((pad, y0 + i * line_h), line, fill="black", font=font)
+    for index, pixels in enumerate(cells):
+        r, c = divmod(index, len(columns))
+        grid.paste(Image.fromarray(pixels), (left + c * cell_w, top + r * cell_h))
+    layout = {"left": left, "top": top, "cell_width": cell_w, "cell_height": cell_h, "font_px": font_px}
+    return grid, layout
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    return np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- node
+
+
+class DreamBoothCompareGrid(io.ComfyNode):
+    @classmethod
+    @override
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamBoothCompareGrid",
+            display_name="DreamBooth Comparison Grid",
+            category="DreamBooth/evaluate",
+            description=(
+                "Renders every prompt (columns) with the base model and with each LoRA at each strength and "
+                "CFG (rows), all with the same seed, into one labelled grid. Saves the grid, each cell and a "
+                f"JSON/CSV table of the settings under output/{GRID_FOLDER}/."
+            ),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the LoRAs were trained on."),
+                io.Clip.Input("clip", tooltip="The text encoder of that model."),
+                io.Vae.Input("vae", tooltip="Decodes the cells; also given to the ControlNet."),
+                io.String.Input("prompts", multiline=True,
+                                default="a photo of sks dog\na photo of sks dog on the beach",
+                                tooltip="One prompt per line; each line is a column of the grid."),
+                io.Boolean.Input("include_base", default=True,
+                                 tooltip="Add a row of the model without any LoRA, for reference."),
+                io.String.Input("lora_names", multiline=True, default="",
+                                tooltip="LoRA files from models/loras to compare, one per line, as the LoRA "
+                                        "loader's list shows them (e.g. 'my_dog.safetensors')."),
+                io.String.Input("unet_strengths", default="1.0",
+                                tooltip="Comma-separated UNet strengths, e.g. '0, 0.5, 1'. Every combination "
+                                        "with the text-encoder strengths and CFGs is a row for each LoRA."),
+                io.String.Input("text_encoder_strengths", default="1.0",
+                                tooltip="Comma-separated text-encoder strengths, e.g. '0, 1'."),
+                io.String.Input("cfgs", default="7.5",
+                                tooltip="Comma-separated CFG scales, e.g. '5, 7.5'. Also applies to the base row."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="What to avoid, in every cell."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="The one seed every cell uses, so the cells differ only by their settings."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Number of denoising steps."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="The sampling algorithm (as in KSampler)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                               tooltip="How the noise level falls over the steps (as in KSampler)."),
+                io.Int.Input("width", default=512, min=64, max=core_nodes.MAX_RESOLUTION, step=8,
+                             tooltip="Width of each cell in pixels."),
+                io.Int.Input("height", default=512, min=64, max=core_nodes.MAX_RESOLUTION, step=8,
+                             tooltip="Height of each cell in pixels."),
+                io.String.Input("filename_prefix", default="grid",
+                                tooltip="File name start of the saved grid, table and cells in "
+                                        f"output/{GRID_FOLDER}/."),
+                LoraList.Input("loras", optional=True,
+                               tooltip="The train node's intermediate_loras: one row group per saved step."),
+                LoraFile.Input("lora", optional=True, tooltip="A LoRA from the train node (its final LoRA)."),
+                io.ControlNet.Input("control_net", optional=True,
+                                    tooltip="A ControlNet applied to every cell; needs the hint input."),
+                io.Image.Input("hint", optional=True,
+                               tooltip="The ControlNet hint image (e.g. from the preprocessor)."),
+                io.Float.Input("control_strength", default=1.0, min=0.0, max=10.0, step=0.01, optional=True,
+                               tooltip="How strongly the ControlNet steers every cell."),
+            ],
+            outputs=[
+                io.Image.Output("grid", display_name="grid", tooltip="The labelled grid as one image."),
+                io.Image.Output("images", display_name="images", tooltip="Every cell, row by row."),
+                io.String.Output("table", display_name="table",
+                                 tooltip="JSON: the settings of every cell and where its image was saved."),
+            ],
+        )
+
+    @classmethod
+    @override
+    def fingerprint_inputs(cls, lora_names: str = "", **kwargs: Any) -> Any:
+        # A LoRA file retrained under the same name must give a new grid, not ComfyUI's cached one.
+        stamps = []
+        for name in (line.strip() for line in str(lora_names or "").splitlines()):
+            path = folder_paths.get_full_path("loras", name) if name else None
+            try:
+                stamps.append(_file_signature(Path(path)) if path else name)
+            except OSError:
+                stamps.append(name)
+        return tuple(stamps)
+
+    @classmethod
+    @override
+    def execute(cls, model: Any, clip: Any, vae: Any, prompts: str, include_base: bool, lora_names: str,
+                unet_strengths: str, text_encoder_strengths: str, cfgs: str, negative_prompt: str, seed: int,
+                steps: int, sampler_name: str, scheduler: str, width: int, height: int, filename_prefix: str,
+                loras: tuple[TrainedLora, ...] | None = None, lora: TrainedLora | None = None,
+                control_net: Any = None, hint: torch.Tensor | None = None,
+                control_strength: float = 1.0) -> io.NodeOutput:
+        columns = parse_prompts(prompts)
+        unet = parse_numbers(unet_strengths, "unet_strengths")
+        text_encoder = parse_numbers(text_encoder_strengths, "text_encoder_strengths")
+        cfg_values = parse_numbers(cfgs, "cfgs")
+        if any(c < 0 for c in cfg_values):
+            raise ValueError(f"cfgs: {cfgs!r} holds a negative scale. Use values of 0 or more, e.g. '7.5'.")
+        if (control_net is None) != (hint is None):
+            have, missing = ("control_net", "hint") if hint is None else ("hint", "control_net")
+            raise ValueError(f"{have} is connected but {missing} is not. Connect both, or neither.")
+        if not str(filename_prefix).strip():
+            raise ValueError("filename_prefix is empty. Give a name, e.g. 'grid'.")
+        lora_list = collect_loras(loras, lora, lora_names)
+        if not lora_list and not include_base:
+            raise ValueError(
+                "Nothing to compare: no LoRA is given and include_base is off. Connect lora or loras, list files "
+                "in lora_names, or turn include_base on."
+            )
+        rows = plan_rows(lora_list, include_base, unet, text_encoder, cfg_values)
+        total = len(rows) * len(columns)
+        if total > MAX_CELLS:
+            raise ValueError(
+                f"The grid would have {total} cells ({len(rows)} rows x {len(columns)} prompts), more than "
+                f"{MAX_CELLS}. Use fewer prompts, LoRAs, strengths or CFGs."
+            )
+        tensors = {item.path: _load_tensors(item.path) for item in lora_list}
+        for item in lora_list:
+            apply_lora(model, clip, tensors[item.path], item.name, 0.0, 0.0)  # fit check before any sampling
+
+        (empty,) = core_nodes.EmptyLatentImage().generate(width, height, 1)
+        bar = comfy.utils.ProgressBar(total)
+        conds: dict[int, tuple[Any, list[tuple[Any, Any]]]] = {}
+        images: list[torch.Tensor] = []
+        for row in rows:
+            row_model, row_clip = model, clip
+            if row.lora is not None:
+                row_model, row_clip, _ = apply_lora(model, clip, tensors[row.lora.path], row.lora.name,
+                                                    row.unet or 0.0, row.text_encoder or 0.0)
+            # Keyed by the clip object (kept alive in the value): rows that share a text encoder state
+            # (base, te strength 0, other cfgs) encode each prompt once.
+            if id(row_clip) not in conds:
+                conds[id(row_clip)] = (row_clip, cls._encode(row_clip, vae, columns, negative_prompt, control_net,
+                                                             hint, control_strength))
+            for positive, negative in conds[id(row_clip)][1]:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                latent = comfy.sample.fix_empty_latent_channels(row_model, empty["samples"])
+                noise = comfy.sample.prepare_noise(latent, seed)
+                # core's common_ksampler without its per-step progress bar, which would reset this node's
+                # one-tick-per-cell bar on every cell
+                samples = comfy.sample.sample(row_model, noise, steps, row.cfg, sampler_name, scheduler, positive,
+                                              negative, latent, denoise=1.0, disable_pbar=True, seed=seed)
+                (decoded,) = core_nodes.VAEDecode().decode(vae, {"samples": samples})
+                images.append(decoded[:1])
+                bar.update_absolute(len(images), total)
+
+        pixels = [_to_uint8(image[0]) for image in images]
+        grid, layout = draw_grid(pixels, [row.label_lines() for row in rows], columns)
+        settings = {"seed": seed, "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
+                    "width": width, "height": height, "negative_prompt": negative_prompt}
+        table, preview = _save(grid, pixels, rows, columns, settings, layout, filename_prefix.strip())
+        batch = torch.cat(images, dim=0).to(comfy.model_management.intermediate_device())
+        grid_tensor = torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
+        return io.NodeOutput(grid_tensor, batch, json.dumps(table, indent=1), ui={"images": [preview]})
+
+    @staticmethod
+    def _encode(clip: Any, vae: Any, columns: list[str], negative_prompt: str, control_net: Any,
+                hint: torch.Tensor | None, control_strength: float) -> list[tuple[Any, Any]]:
+        (negative,) = core_nodes.CLIPTextEncode().encode(clip, negative_prompt)
+        pairs = []
+        for text in columns:
+            (positive,) = core_nodes.CLIPTextEncode().encode(clip, text)
+            neg = negative
+            if control_net is not None:
+                positive, neg = core_nodes.ControlNetApplyAdvanced().apply_controlnet(
+                    positive, negative, control_net, hint, control_strength, 0.0, 1.0, vae=vae)
+            pairs.append((positive, neg))
+        return pairs
+
+
+def _save(grid: Image.Image, pixels: list[np.ndarray], rows: list[_Row], columns: list[str], settings: dict[str, Any],
+          layout: dict[str, int], prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Grid PNG, cell PNGs, <name>.json and <name>.csv in output/dreambooth_grids/; returns (table, preview)."""
+    output_dir = folder_paths.get_output_directory()
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        f"{GRID_FOLDER}/{prefix}", output_dir, grid.width, grid.height)
+    stem = f"{filename}_{counter:05}_"
+    cell_dir = Path(folder) / f"{stem}cells"
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, cell in enumerate(pixels):
+        r, c = divmod(index, len(columns))
+        row = rows[r]
+        cell_name = f"r{r:03}_c{c:03}.png"
+        Image.fromarray(cell).save(cell_dir / cell_name, compress_level=4)
+        records.append({
+            "row": r, "column": c,
+            "lora": row.lora.name if row.lora else "", "lora_path": str(row.lora.path) if row.lora else "",
+            "unet_strength": row.unet, "text_encoder_strength": row.text_encoder, "cfg": row.cfg,
+            "prompt": columns[c], **settings,
+            "image_file": "/".join(p for p in (subfolder, f"{stem}cells", cell_name) if p),
+        })
+    grid.save(Path(folder) / f"{stem}.png", compress_level=4)
+    relative = "/".join(p for p in (subfolder, stem) if p)
+    table = {"grid_file": f"{relative}.png", "rows": [" | ".join(row.label_lines()) for row in rows],
+             "columns": columns, "layout": layout, "cells": records}
+    with open(Path(folder) / f"{stem}.json", "w", encoding="utf-8") as fh:
+        json.dump(table, fh, indent=1, ensure_ascii=False)
+    with open(Path(folder) / f"{stem}.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: "" if record[k] is None else record[k] for k in CSV_FIELDS})
+    logger.info("comparison grid of %d cells saved to %s", len(pixels), os.path.join(folder, f"{stem}.png"))
+    return table, {"filename": f"{stem}.png", "subfolder": subfolder, "type": "output"}
+
+
+NODES: list[type[io.ComfyNode]] = [DreamBoothCompareGrid]

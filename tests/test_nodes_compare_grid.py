@@ -1,0 +1,140 @@
+"""DreamBoothCompareGrid in a real ComfyUI server: tiny SD1.5 checkpoint, 64 px cells, 2 steps.
+
+The LoRA is a UNet-only kohya file built here (attention layers of the tiny UNet), so a row at
+UNet strength 0 must reproduce the base row exactly and a row at strength 1 must not.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from dreambooth_test_support.comfyui import ComfyServer
+from PIL import Image
+from safetensors.torch import save_file
+
+pytestmark = pytest.mark.comfy
+
+NODE = "DreamBoothCompareGrid"
+CKPT = "tiny-sd15.safetensors"
+PROMPTS = ["a photo of sks dog", "a photo of sks dog on the beach at sunset, highly detailed"]
+_BLOCKS = ("down_blocks_0_attentions_0", "mid_block_attentions_0", "up_blocks_0_attentions_0",
+           "up_blocks_0_attentions_1")
+_LAYERS = {"attn1_to_q": (320, 320), "attn1_to_v": (320, 320), "attn2_to_k": (320, 768), "attn2_to_v": (320, 768),
+           "ff_net_2": (320, 1280)}
+
+
+def unet_lora(rank: int = 4) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    sd: dict[str, torch.Tensor] = {}
+    for block in _BLOCKS:
+        for layer, (out, fan_in) in _LAYERS.items():
+            name = f"lora_unet_{block}_transformer_blocks_0_{layer}"
+            sd[f"{name}.lora_down.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+            sd[f"{name}.lora_up.weight"] = torch.randn(out, rank, generator=gen) * (0.5 / rank**0.5)
+            sd[f"{name}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def grid_prompt(prefix: str, **inputs: Any) -> dict[str, Any]:
+    node = {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "prompts": "\n".join(PROMPTS) + "\n\n",
+        "include_base": True, "lora_names": "", "unet_strengths": "1.0", "text_encoder_strengths": "1.0",
+        "cfgs": "7.5", "negative_prompt": "blurry", "seed": 11, "steps": 2, "sampler_name": "euler",
+        "scheduler": "normal", "width": 64, "height": 64, "filename_prefix": prefix,
+    }
+    node.update(inputs)
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": NODE, "inputs": node},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 1], "filename_prefix": f"{prefix}_cells"}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}},
+    }
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def lora_name(comfy_server: ComfyServer) -> str:
+    name = f"grid lora {uuid.uuid4().hex[:6]}.safetensors"  # a space on purpose
+    save_file(unet_lora(), str(comfy_server.models_dir / "loras" / name))
+    return name
+
+
+def test_grid_of_base_and_lora_strengths(comfy_server: ComfyServer, lora_name: str) -> None:
+    info = comfy_server.object_info(NODE)[NODE]
+    assert info["category"] == "DreamBooth/evaluate" and info["output_node"] is True
+    assert info["output"] == ["IMAGE", "IMAGE", "STRING"]
+
+    prefix = f"cmp_{uuid.uuid4().hex[:8]}"
+    result = comfy_server.run_prompt(grid_prompt(prefix, lora_names=lora_name, unet_strengths="0, 1"),
+                                     timeout=300).raise_for_status()
+
+    cells = [pixels(p) for p in comfy_server.output_files(result, node_id="3")]
+    assert len(cells) == 6 and all(c.shape == (64, 64, 3) for c in cells)
+    base, off, on = cells[0:2], cells[2:4], cells[4:6]
+    assert base[0].std() > 1.0 and not np.array_equal(base[0], base[1])  # prompts make a difference
+    for col in range(2):
+        assert np.array_equal(off[col], base[col]), "UNet strength 0 must reproduce the base row"
+        assert np.abs(on[col] - base[col]).mean() > 1.0, "UNet strength 1 left the image unchanged"
+
+    table = json.loads(result.outputs["4"]["text"][0])
+    layout = table["layout"]
+    (grid_path,) = comfy_server.output_files(result, node_id="2")
+    assert grid_path.parent.name == "dreambooth_grids" and grid_path.name.startswith(prefix)
+    grid = pixels(grid_path)
+    left, top = layout["left"], layout["top"]
+    assert left > 0 and top > layout["font_px"]
+    assert grid.shape == (top + 3 * 64, left + 2 * 64, 3)
+    for index, cell in enumerate(cells):
+        r, c = divmod(index, 2)
+        assert np.array_equal(grid[top + r * 64: top + (r + 1) * 64, left + c * 64: left + (c + 1) * 64], cell)
+    assert (grid[:top, left:] < 128).any() and (grid[top:, :left] < 128).any(), "labels missing"
+
+    stem = grid_path.with_suffix("")
+    with open(f"{stem}.csv", encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    saved = json.loads(Path(f"{stem}.json").read_text(encoding="utf-8"))
+    assert saved == table
+    records = table["cells"]
+    assert len(records) == len(rows) == 6
+    expect = [(None, ""), (0.0, lora_name), (1.0, lora_name)]
+    for index, (record, row) in enumerate(zip(records, rows, strict=True)):
+        r, c = divmod(index, 2)
+        unet, lora = expect[r]
+        assert (record["row"], record["column"], record["prompt"]) == (r, c, PROMPTS[c])
+        assert (record["lora"], record["unet_strength"], record["cfg"]) == (lora, unet, 7.5)
+        assert record["text_encoder_strength"] == (None if r == 0 else 1.0)
+        assert (record["seed"], record["steps"], record["sampler"], record["scheduler"]) == (11, 2, "euler", "normal")
+        assert (record["width"], record["height"]) == (64, 64)
+        assert (row["row"], row["column"], row["lora"], row["prompt"]) == (str(r), str(c), lora, PROMPTS[c])
+        assert row["unet_strength"] == ("" if unet is None else str(unet))
+        assert np.array_equal(pixels(comfy_server.output_dir / record["image_file"]), cells[index])
+
+    ticks = [e for e in result.events_of("progress") if e.get("node") == "2"]
+    assert [e["value"] for e in ticks] == [1, 2, 3, 4, 5, 6] and {e["max"] for e in ticks} == {6}
+
+
+@pytest.mark.parametrize(("inputs", "named"), [
+    ({"unet_strengths": "0, one"}, "unet_strengths"),
+    ({"prompts": " \n"}, "prompts"),
+    ({"lora_names": "no such lora.safetensors"}, "lora_names"),
+    ({"include_base": False}, "include_base"),
+])
+def test_bad_input_is_an_error_naming_it(comfy_server: ComfyServer, lora_name: str, inputs: dict[str, Any],
+                                         named: str) -> None:
+    inputs = {"lora_names": lora_name, **inputs} if named != "include_base" else inputs
+    result = comfy_server.run_prompt(grid_prompt(f"bad_{uuid.uuid4().hex[:8]}", **inputs), timeout=120)
+    assert result.status == "error" and result.error is not None
+    assert result.error.get("node_id") == "2", result.error
+    assert result.error.get("exception_type", "").endswith("ValueError"), result.error
+    assert named in result.error.get("exception_message", ""), result.error
