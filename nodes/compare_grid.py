@@ -32,6 +32,8 @@ from typing_extensions import override
 
 import nodes as core_nodes
 
+from ..trainer import scores
+from . import scores as score_node
 from .lora_loader import _file_signature, _load_tensors, apply_lora
 from .types import LoraFile, LoraList, TrainedLora
 
@@ -42,7 +44,10 @@ GRID_FOLDER = "dreambooth_grids"
 _PROMPT_LINES = 3  # column label lines before the prompt is cut with an ellipsis
 _NAME_CHARS = 32  # a LoRA name longer than this is shortened in its row label
 CSV_FIELDS = ("row", "column", "lora", "lora_path", "unet_strength", "text_encoder_strength", "cfg", "prompt",
-              "negative_prompt", "seed", "steps", "sampler", "scheduler", "width", "height", "image_file")
+              "negative_prompt", "seed", "steps", "sampler", "scheduler", "width", "height", "image_file",
+              "clip_i", "clip_t", "dino")
+SCORE_KEYS = ("clip_i", "clip_t", "dino")
+_SCORE_TAGS = ("I", "T", "D")  # short tags drawn under the labels: CLIP-I, CLIP-T, DINO
 
 
 @dataclass(frozen=True)
@@ -163,9 +168,35 @@ def _wrap(text: str, font: Any, width: float, max_lines: int) -> list[str]:
     return [_fit(line, font, width) for line in lines]
 
 
-def draw_grid(cells: list[np.ndarray], rows: list[list[str]],
-              columns: list[str]) -> tuple[Image.Image, dict[str, int]]:
-    """One picture of all cells (uint8 HxWx3, row-major) with row labels left and prompts on top."""
+def _score_text(value: float) -> str:
+    text = f"{value:.2f}"
+    return text.replace("0.", ".", 1) if text.startswith(("0.", "-0.")) else text
+
+
+def score_parts(means: dict[str, float | None]) -> list[str]:
+    """{'clip_i': 0.82, 'clip_t': None, 'dino': 0.61} -> ['I .82', 'D .61']."""
+    return [f"{tag} {_score_text(means[key])}" for tag, key in zip(_SCORE_TAGS, SCORE_KEYS, strict=True)
+            if means.get(key) is not None]
+
+
+def _pack(parts: list[str], font: Any, width: float) -> list[str]:
+    # Whole "I .82" parts per line, so a narrow cell wraps between scores instead of cutting one.
+    lines: list[str] = []
+    for part in parts:
+        if lines and font.getlength(f"{lines[-1]}  {part}") <= width:
+            lines[-1] = f"{lines[-1]}  {part}"
+        else:
+            lines.append(part)
+    return [_fit(line, font, width) for line in lines]
+
+
+def draw_grid(cells: list[np.ndarray], rows: list[list[str]], columns: list[str],
+              row_scores: list[list[str]] | None = None,
+              column_scores: list[list[str]] | None = None) -> tuple[Image.Image, dict[str, int]]:
+    """One picture of all cells (uint8 HxWx3, row-major) with row labels left and prompts on top.
+
+    `row_scores` / `column_scores` (from `score_parts`) go under each row / column label.
+    """
     cell_h, cell_w = cells[0].shape[:2]
     font_px = max(11, min(48, round(min(cell_w, cell_h) / 20)))
     font = _font(font_px)
@@ -175,6 +206,14 @@ def draw_grid(cells: list[np.ndarray], rows: list[list[str]],
     col_lines = [_wrap(text, font, text_w, _PROMPT_LINES) for text in columns]
     label_cap = max(cell_w, 12 * font_px)
     row_lines = [[_fit(line, font, label_cap) for line in lines] for lines in rows]
+    if column_scores is not None:
+        # Prompts padded to the same line count, so every column's scores sit on one level.
+        depth = max(len(lines) for lines in col_lines)
+        col_lines = [[*lines, *[""] * (depth - len(lines)), *_pack(parts, font, text_w)]
+                     for lines, parts in zip(col_lines, column_scores, strict=True)]
+    if row_scores is not None:
+        row_lines = [[*lines, *_pack(parts, font, label_cap)] for lines, parts in zip(row_lines, row_scores,
+                                                                                        strict=True)]
     left = 2 * pad + math.ceil(max(font.getlength(line) for lines in row_lines for line in lines))
     top = 2 * pad + line_h * max(len(lines) for lines in col_lines)
     grid = Image.new("RGB", (left + cell_w * len(columns), top + cell_h * len(rows)), "white")
@@ -204,6 +243,8 @@ class DreamBoothCompareGrid(io.ComfyNode):
     @classmethod
     @override
     def define_schema(cls) -> io.Schema:
+        names = score_node.model_names()
+        where = f"ComfyUI's {scores.SCORES_MODELS_DIR}/<name>/"
         return io.Schema(
             node_id="DreamBoothCompareGrid",
             display_name="DreamBooth Comparison Grid",
@@ -258,6 +299,22 @@ class DreamBoothCompareGrid(io.ComfyNode):
                                tooltip="The ControlNet hint image (e.g. from the preprocessor)."),
                 io.Float.Input("control_strength", default=1.0, min=0.0, max=10.0, step=0.01, optional=True,
                                tooltip="How strongly the ControlNet steers every cell."),
+                # Appended after every older input: saved workflows keep widget values by position.
+                io.Image.Input("reference", optional=True,
+                               tooltip="Photos of the subject. With a clip_model or dino_model every cell is "
+                                       "scored against them (CLIP-I, DINO) and the row/column means are drawn "
+                                       "under the labels."),
+                io.String.Input("identifier", default="", optional=True,
+                                tooltip="The subject's rare-token identifier, removed from each prompt for CLIP-T "
+                                        "(the text model does not know it). Empty: prompts are used as they are."),
+                io.Combo.Input("clip_model", options=[score_node.NO_MODEL, *names], default=score_node.NO_MODEL,
+                               optional=True,
+                               tooltip=f"A CLIP model folder in {where} ({scores.CLIP_UPSTREAM}) for CLIP-I and "
+                                       "CLIP-T of every cell; 'none' skips both."),
+                io.Combo.Input("dino_model", options=[score_node.NO_MODEL, *names], default=score_node.NO_MODEL,
+                               optional=True,
+                               tooltip=f"A DINO ViT folder in {where} ({scores.DINO_UPSTREAM}) for DINO of every "
+                                       "cell; 'none' skips it."),
             ],
             outputs=[
                 io.Image.Output("grid", display_name="grid", tooltip="The labelled grid as one image."),
@@ -278,7 +335,9 @@ class DreamBoothCompareGrid(io.ComfyNode):
                 stamps.append(_file_signature(Path(path)) if path else name)
             except OSError:
                 stamps.append(name)
-        return tuple(stamps)
+        # Likewise a score model folder whose files changed.
+        return (*stamps, score_node.DreamBoothScore.fingerprint_inputs(
+            clip_model=kwargs.get("clip_model"), dino_model=kwargs.get("dino_model")))
 
     @classmethod
     @override
@@ -287,7 +346,8 @@ class DreamBoothCompareGrid(io.ComfyNode):
                 steps: int, sampler_name: str, scheduler: str, width: int, height: int, filename_prefix: str,
                 loras: tuple[TrainedLora, ...] | None = None, lora: TrainedLora | None = None,
                 control_net: Any = None, hint: torch.Tensor | None = None,
-                control_strength: float = 1.0) -> io.NodeOutput:
+                control_strength: float = 1.0, reference: torch.Tensor | None = None, identifier: str = "",
+                clip_model: str = score_node.NO_MODEL, dino_model: str = score_node.NO_MODEL) -> io.NodeOutput:
         columns = parse_prompts(prompts)
         unet = parse_numbers(unet_strengths, "unet_strengths")
         text_encoder = parse_numbers(text_encoder_strengths, "text_encoder_strengths")
@@ -306,6 +366,7 @@ class DreamBoothCompareGrid(io.ComfyNode):
                 "in lora_names, or turn include_base on."
             )
         rows = plan_rows(lora_list, include_base, unet, text_encoder, cfg_values)
+        scoring = _check_scoring(reference, clip_model, dino_model)
         total = len(rows) * len(columns)
         if total > MAX_CELLS:
             raise ValueError(
@@ -343,10 +404,20 @@ class DreamBoothCompareGrid(io.ComfyNode):
                 bar.update_absolute(len(images), total)
 
         pixels = [_to_uint8(image[0]) for image in images]
-        grid, layout = draw_grid(pixels, [row.label_lines() for row in rows], columns)
+        cell_scores: list[dict[str, float | None]] = [dict.fromkeys(SCORE_KEYS) for _ in pixels]
+        if scoring:
+            # After sampling, with the models loaded once for all cells.
+            cell_scores = _score(pixels, reference, columns, identifier, clip_model, dino_model)
+        n = len(columns)
+        row_means = [_means(cell_scores[r * n:(r + 1) * n]) for r in range(len(rows))]
+        column_means = [_means(cell_scores[c::n]) for c in range(n)]
+        row_parts = [score_parts(m) for m in row_means] if scoring else None
+        column_parts = [score_parts(m) for m in column_means] if scoring else None
+        grid, layout = draw_grid(pixels, [row.label_lines() for row in rows], columns, row_parts, column_parts)
         settings = {"seed": seed, "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
                     "width": width, "height": height, "negative_prompt": negative_prompt}
-        table, preview = _save(grid, pixels, rows, columns, settings, layout, filename_prefix.strip())
+        table, preview = _save(grid, pixels, rows, columns, settings, layout, filename_prefix.strip(),
+                               cell_scores, {"row_means": row_means, "column_means": column_means})
         batch = torch.cat(images, dim=0).to(comfy.model_management.intermediate_device())
         grid_tensor = torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
         return io.NodeOutput(grid_tensor, batch, json.dumps(table, indent=1), ui={"images": [preview]})
@@ -366,8 +437,47 @@ class DreamBoothCompareGrid(io.ComfyNode):
         return pairs
 
 
+def _check_scoring(reference: torch.Tensor | None, clip_model: str, dino_model: str) -> bool:
+    """Whether to score the cells; checked before sampling so a bad setting costs no sampling time."""
+    chosen = [name for name in (clip_model, dino_model) if name and name != score_node.NO_MODEL]
+    if not chosen:
+        if reference is not None:
+            logger.warning("comparison grid: reference is connected but clip_model and dino_model are both "
+                           "'%s', so the cells are not scored", score_node.NO_MODEL)
+        return False
+    if reference is None:
+        raise ValueError(
+            "clip_model / dino_model are set but reference is not connected. Connect the subject photos to "
+            f"reference to score the cells, or set both to '{score_node.NO_MODEL}'."
+        )
+    score_node.to_pil(reference, "reference")
+    score_node.resolve_model("clip_model", clip_model or score_node.NO_MODEL)
+    score_node.resolve_model("dino_model", dino_model or score_node.NO_MODEL)
+    return True
+
+
+def _score(pixels: list[np.ndarray], reference: torch.Tensor, columns: list[str], identifier: str, clip_model: str,
+           dino_model: str) -> list[dict[str, float | None]]:
+    models = score_node.cached_models(clip_model or score_node.NO_MODEL, dino_model or score_node.NO_MODEL)
+    ident = str(identifier or "").strip()
+    texts = [scores.remove_identifier(p, ident) if ident else p for p in columns]
+    prompts = [texts[index % len(columns)] for index in range(len(pixels))]
+    cells = models.score_cells([Image.fromarray(p) for p in pixels],
+                               reference=score_node.to_pil(reference, "reference"), prompts=prompts)
+    return [cell.as_dict() for cell in cells]
+
+
+def _means(cells: list[dict[str, float | None]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in SCORE_KEYS:
+        values = [c[key] for c in cells if c[key] is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
 def _save(grid: Image.Image, pixels: list[np.ndarray], rows: list[_Row], columns: list[str], settings: dict[str, Any],
-          layout: dict[str, int], prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+          layout: dict[str, int], prefix: str, cell_scores: list[dict[str, float | None]],
+          means: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """Grid PNG, cell PNGs, <name>.json and <name>.csv in output/dreambooth_grids/; returns (table, preview)."""
     output_dir = folder_paths.get_output_directory()
     folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
@@ -387,11 +497,13 @@ def _save(grid: Image.Image, pixels: list[np.ndarray], rows: list[_Row], columns
             "unet_strength": row.unet, "text_encoder_strength": row.text_encoder, "cfg": row.cfg,
             "prompt": columns[c], **settings,
             "image_file": "/".join(p for p in (subfolder, f"{stem}cells", cell_name) if p),
+            **cell_scores[index],
         })
     grid.save(Path(folder) / f"{stem}.png", compress_level=4)
     relative = "/".join(p for p in (subfolder, stem) if p)
     table = {"grid_file": f"{relative}.png", "rows": [" | ".join(row.label_lines()) for row in rows],
-             "columns": columns, "layout": layout, "cells": records}
+             "columns": columns, "layout": layout, "cells": records,
+             **means}
     with open(Path(folder) / f"{stem}.json", "w", encoding="utf-8") as fh:
         json.dump(table, fh, indent=1, ensure_ascii=False)
     with open(Path(folder) / f"{stem}.csv", "w", encoding="utf-8", newline="") as fh:

@@ -133,6 +133,15 @@ _CLIP = _ModelSlot("clip_model", scores.ClipScorer.load)
 _DINO = _ModelSlot("dino_model", scores.DinoScorer.load)
 
 
+def cached_models(clip_model: str, dino_model: str) -> scores.ScoreModels:
+    """The models two combo values name, loaded through the cache the score node uses ("none": absent).
+
+    Shared with the other nodes that score, so one CLIP and one DINO model stay loaded between them.
+    """
+    return scores.ScoreModels(clip_model=_CLIP.get(resolve_model("clip_model", clip_model)),
+                              dino_model=_DINO.get(resolve_model("dino_model", dino_model)))
+
+
 # --------------------------------------------------------------------------------------------- inputs
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from comfyui_dreambooth_lora.trainer import scores
 from dreambooth_test_support.comfyui import ComfyServer
+from dreambooth_test_support.tiny_models import tiny_clip_folder, tiny_dino_folder
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -138,3 +141,60 @@ def test_bad_input_is_an_error_naming_it(comfy_server: ComfyServer, lora_name: s
     assert result.error.get("node_id") == "2", result.error
     assert result.error.get("exception_type", "").endswith("ValueError"), result.error
     assert named in result.error.get("exception_message", ""), result.error
+
+
+def test_scores_per_cell_with_row_and_column_means(comfy_server: ComfyServer) -> None:
+    pytest.importorskip("transformers")
+    root = comfy_server.models_dir / "dreambooth_scores"
+    clip, dino = f"grid-clip-{uuid.uuid4().hex[:6]}", f"grid-dino-{uuid.uuid4().hex[:6]}"
+    clip_dir, _ = tiny_clip_folder(root / clip), tiny_dino_folder(root / dino)
+    two_rows = {"cfgs": "7.5, 2"}
+
+    # The reference is the base row's first cell, from a run without scores.
+    first = comfy_server.run_prompt(grid_prompt(f"ref_{uuid.uuid4().hex[:8]}", **two_rows),
+                                    timeout=300).raise_for_status()
+    plain = json.loads(first.outputs["4"]["text"][0])
+    assert all(cell[key] is None for cell in plain["cells"] for key in ("clip_i", "clip_t", "dino"))
+    reference = f"grid_ref_{uuid.uuid4().hex[:6]}.png"
+    shutil.copy(comfy_server.output_dir / plain["cells"][0]["image_file"], comfy_server.input_dir / reference)
+
+    prefix = f"scored_{uuid.uuid4().hex[:8]}"
+    graph = grid_prompt(prefix, **two_rows, reference=["5", 0], identifier="sks", clip_model=clip, dino_model=dino)
+    graph["5"] = {"class_type": "LoadImage", "inputs": {"image": reference}}
+    result = comfy_server.run_prompt(graph, timeout=300).raise_for_status()
+    table = json.loads(result.outputs["4"]["text"][0])
+    records = table["cells"]
+    assert len(records) == 4
+    assert records[0]["clip_i"] == pytest.approx(1.0, abs=1e-4) and records[0]["dino"] == pytest.approx(1.0, abs=1e-4)
+    for record in records[1:]:
+        assert record["clip_i"] < 1.0 - 1e-4 and record["dino"] < 1.0 - 1e-4, record
+
+    model = scores.ScoreModels.load(clip_dir, None)
+    for record in records:
+        with Image.open(comfy_server.output_dir / record["image_file"]) as img:
+            cell = img.convert("RGB")
+        text = scores.remove_identifier(record["prompt"], "sks")
+        assert "sks" not in text
+        assert record["clip_t"] == pytest.approx(model.clip_t([cell], [text]), abs=1e-4)
+
+    for key in ("clip_i", "clip_t", "dino"):
+        for r in range(2):
+            assert table["row_means"][r][key] == pytest.approx(np.mean([x[key] for x in records[2 * r: 2 * r + 2]]))
+        for c in range(2):
+            assert table["column_means"][c][key] == pytest.approx(np.mean([x[key] for x in records[c::2]]))
+
+    (grid_path,) = comfy_server.output_files(result, node_id="2")
+    stem = grid_path.with_suffix("")
+    with open(f"{stem}.csv", encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(row["dino"]) for row in rows] == pytest.approx([x["dino"] for x in records])
+    # The score lines make the labels taller and wider; the cells themselves are unchanged.
+    layout, before = table["layout"], plain["layout"]
+    assert layout["top"] > before["top"] and layout["left"] >= before["left"]
+    grid = pixels(grid_path)
+    left, top = layout["left"], layout["top"]
+    for index, record in enumerate(records):
+        r, c = divmod(index, 2)
+        cell = pixels(comfy_server.output_dir / record["image_file"])
+        assert np.array_equal(cell, pixels(comfy_server.output_dir / plain["cells"][index]["image_file"]))
+        assert np.array_equal(grid[top + r * 64: top + (r + 1) * 64, left + c * 64: left + (c + 1) * 64], cell)
