@@ -84,6 +84,50 @@ def _generate(lora_from: list[Any] | None) -> dict[str, Any]:
     }
 
 
+# The environments the DreamBooth paper recontextualises its subjects in: one grid column each.
+ENVIRONMENT_PROMPTS = [f"a photo of fac dog {place}" for place in (
+    "in a forest", "in a kitchen", "on a city street", "in the snow", "at the seaside")]
+# Without the identifier: how far training drags the plain class towards the subject (language drift).
+DRIFT_PROMPT = "a photo of a dog"
+
+
+def _grid(prompts: list[str], prefix: str, **inputs: Any) -> dict[str, Any]:
+    """Checkpoint -> comparison grid (one seed for every cell) -> preview of the grid."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
+        "grid": {"class_type": "DreamBoothCompareGrid", "_meta": {"title": "Comparison grid"},
+                 "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2],
+                            "prompts": "\n".join(prompts), "include_base": True,
+                            "negative_prompt": "blurry, low quality", "seed": 42, "steps": 25,
+                            "sampler_name": "dpmpp_2m", "scheduler": "karras", "width": 512, "height": 512,
+                            "filename_prefix": prefix, **inputs}},
+        "show": {"class_type": "PreviewImage", "_meta": {"title": "Grid"}, "inputs": {"images": ["grid", 0]}},
+    }
+
+
+def _strength_guidance_sweep() -> dict[str, Any]:
+    """One trained LoRA: UNet strength x text-encoder strength x CFG against the base model."""
+    return _grid(ENVIRONMENT_PROMPTS, "strength_guidance", lora_names=f"{LORA}.safetensors",
+                 unet_strengths="0, 0.5, 1", text_encoder_strengths="0, 0.5, 1", cfgs="5, 7.5")
+
+
+def _training_length_sweep() -> dict[str, Any]:
+    """One training, its LoRA saved every 100 steps: a row per length shows under- and overfitting."""
+    nodes: dict[str, Any] = {**_identifier(), **_dataset("data")}
+    nodes["opts"] = {"class_type": "DreamBoothOptionsAdvanced", "_meta": {"title": "Save a LoRA every 100 steps"},
+                     "inputs": {"save_lora_every_n_steps": 100}}
+    nodes["train"] = {"class_type": "DreamBoothTrain", "_meta": {"title": "Train DreamBooth-LoRA"},
+                      "inputs": {"ckpt_name": SD15, "dataset": ["data", 0], "lora_name": f"{LORA}_length_sweep",
+                                 "steps": 600, "checkpointing_steps": 100, "options": ["opts", 0]}}
+    nodes["curve"] = {"class_type": "PreviewImage", "_meta": {"title": "Loss curve"},
+                      "inputs": {"images": ["train", 1]}}
+    # The subject photos and identifier are wired to the grid: picking a clip_model or dino_model there
+    # scores every cell (CLIP-I, CLIP-T, DINO) as the paper does.
+    nodes.update(_grid([*ENVIRONMENT_PROMPTS, DRIFT_PROMPT], "training_length",
+                       loras=["train", 3], lora=["train", 0], reference=["data", 1], identifier=["idn", 0]))
+    return nodes
+
+
 def workflows() -> dict[str, dict[str, Any]]:
     both = _train(prior=True)
     both.update(_generate(["train", 0]))
@@ -91,6 +135,8 @@ def workflows() -> dict[str, dict[str, Any]]:
         "dreambooth_train_with_prior": _train(prior=True),
         "lora_split_strength_controlnet": _generate(None),
         "dreambooth_train_then_generate": both,
+        "dreambooth_strength_guidance_sweep": _strength_guidance_sweep(),
+        "dreambooth_training_length_sweep": _training_length_sweep(),
     }
 
 

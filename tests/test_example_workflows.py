@@ -42,8 +42,10 @@ def load(kind: str, name: str) -> dict[str, Any]:
     return json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
 
 
-def test_there_are_the_three_documented_workflows() -> None:
-    assert NAMES == ["dreambooth_train_then_generate", "dreambooth_train_with_prior", "lora_split_strength_controlnet"]
+def test_there_are_the_documented_workflows() -> None:
+    assert NAMES == ["dreambooth_strength_guidance_sweep", "dreambooth_train_then_generate",
+                     "dreambooth_train_with_prior", "dreambooth_training_length_sweep",
+                     "lora_split_strength_controlnet"]
     for name in NAMES:
         text = (WORKFLOWS / f"{name}.json").read_text(encoding="utf-8") + json.dumps(load("api", name))
         assert "/home/" not in text and ":\\\\" not in text and "/tmp/" not in text, "no absolute paths"
@@ -65,6 +67,15 @@ def test_ui_workflow_fits_the_live_schema_and_matches_its_api_twin(name: str, co
     assert as_api == {ids[k]: renumber(v) for k, v in api.items()}
     for link in ui["links"]:
         assert any(n["id"] == link[1] for n in ui["nodes"]) and any(n["id"] == link[3] for n in ui["nodes"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_nodes_do_not_overlap(name: str) -> None:
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - workflow_format.TITLE_HEIGHT, n["pos"][0] + n["size"][0],
+              n["pos"][1] + n["size"][1]) for n in load("ui", name)["nodes"]]
+    for i, (a, ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for b, bx0, by0, bx1, by1 in boxes[i + 1:]:
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"nodes {a} and {b} overlap"
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +125,71 @@ def test_one_graph_trains_and_generates(comfy_server, photo_folder: str) -> None
     images = comfy_server.output_files(result, "save")
     assert len(images) == 1 and Image.open(images[0]).size == (96, 64)
     assert len(comfy_server.output_files(result, "hint")) == 1
+
+
+def sweep(prompt: dict[str, Any], photos: str, lora_name: str, **grid: Any) -> dict[str, Any]:
+    """A sweep workflow made small: 6 training steps with a LoRA every 2, 64 px cells, 2 sampling steps."""
+    out = tiny(prompt, photos, lora_name)
+    for node in out.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "DreamBoothTrain":
+            inputs.update(steps=6, checkpointing_steps=3)
+        if kind == "DreamBoothOptionsAdvanced":
+            inputs["save_lora_every_n_steps"] = 2
+        if kind == "DreamBoothCompareGrid":
+            inputs.update(steps=2, width=64, height=64, sampler_name="euler", scheduler="normal",
+                          filename_prefix=f"wf_{lora_name.replace('/', '_')}", **grid)
+            if inputs["lora_names"]:
+                inputs["lora_names"] = f"{lora_name}.safetensors"
+    return out
+
+
+def grid_table(comfy_server, result: Any, node: str, prompt: dict[str, Any]) -> dict[str, Any]:
+    """The grid's saved table, after checking the grid is rows x columns cells of 64 px plus its labels."""
+    (grid_path,) = comfy_server.output_files(result, node_id=node)
+    table = json.loads(grid_path.with_suffix(".json").read_text(encoding="utf-8"))
+    columns = [line for line in prompt[node]["inputs"]["prompts"].splitlines() if line.strip()]
+    assert table["columns"] == columns
+    layout = table["layout"]
+    with Image.open(grid_path) as img:
+        assert img.size == (layout["left"] + 64 * len(columns), layout["top"] + 64 * len(table["rows"]))
+    assert len(comfy_server.output_files(result, node_id="show")) == 1, "the grid preview"
+    return table
+
+
+def cell(comfy_server, table: dict[str, Any], row: int, column: int) -> Any:
+    record = table["cells"][row * len(table["columns"]) + column]
+    assert (record["row"], record["column"]) == (row, column)
+    with Image.open(comfy_server.output_dir / record["image_file"]) as img:
+        return img.convert("RGB").tobytes()
+
+
+def test_training_length_sweep_then_strength_guidance_sweep(comfy_server, photo_folder: str) -> None:
+    lengths = sweep(load("api", "dreambooth_training_length_sweep"), photo_folder, "wf/sweep")
+    result = comfy_server.run_prompt(lengths, timeout=600).raise_for_status()
+    steps_dir = Path(comfy_server.models_dir) / "loras" / "wf" / "sweep_steps"
+    saved = sorted(p.name for p in steps_dir.iterdir())
+    assert saved == ["sweep_step000002.safetensors", "sweep_step000004.safetensors"]
+    table = grid_table(comfy_server, result, "grid", lengths)
+    assert len(table["columns"]) == 6 and table["columns"][-1] == "a photo of a dog"
+    # base, every intermediate LoRA in step order, then the final one
+    row_loras = [table["cells"][r * 6]["lora_path"] for r in range(len(table["rows"]))]
+    final = Path(comfy_server.models_dir) / "loras" / "wf" / "sweep.safetensors"
+    assert row_loras[0] == "" and [Path(p).resolve() for p in row_loras[1:]] == [
+        *((steps_dir / name).resolve() for name in saved), final.resolve()]
+    assert "curve" in result.outputs
+
+    strengths = sweep(load("api", "dreambooth_strength_guidance_sweep"), photo_folder, "wf/sweep",
+                      unet_strengths="0, 1", text_encoder_strengths="0, 1")
+    cfgs = [5.0, 7.5]
+    assert strengths["grid"]["inputs"]["cfgs"] == "5, 7.5"
+    result = comfy_server.run_prompt(strengths, timeout=600).raise_for_status()
+    table = grid_table(comfy_server, result, "grid", strengths)
+    assert len(table["columns"]) == 5
+    settings = [(c["lora"], c["unet_strength"], c["text_encoder_strength"], c["cfg"]) for c in table["cells"][::5]]
+    lora = "wf/sweep.safetensors"
+    assert settings == [("", None, None, 5.0), ("", None, None, 7.5),
+                        *((lora, u, t, c) for u in (0.0, 1.0) for t in (0.0, 1.0) for c in cfgs)]
+    for column in range(5):  # strength 0 on both sides is the base model, cell for cell
+        assert cell(comfy_server, table, 2, column) == cell(comfy_server, table, 0, column)
+        assert cell(comfy_server, table, 3, column) == cell(comfy_server, table, 1, column)
