@@ -7,7 +7,6 @@ in-process for a few steps at 64 px.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -17,10 +16,9 @@ from typing import Any
 
 import pytest
 import torch
-from comfyui_dreambooth_lora.trainer import identity, protocol
+from comfyui_dreambooth_lora.trainer import identity
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig
-from comfyui_dreambooth_lora.trainer.run import train
-from dreambooth_test_support.training import copy_dog_photos, tiny_run_values
+from dreambooth_test_support.training import copy_dog_photos, make_config, run_events
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -30,14 +28,6 @@ def photos(tmp_path: Path) -> Path:
     return copy_dog_photos(tmp_path / "dog photos")
 
 
-def make_config(ckpt: Path, photos: Path, out: Path, **overrides: Any) -> TrainConfig:
-    return TrainConfig.from_dict(tiny_run_values(ckpt, photos, out, **overrides))
-
-
-def run_events(config: TrainConfig) -> tuple[Any, list[dict[str, Any]]]:
-    stream = io.StringIO()
-    result = train(config, protocol.EventWriter(stream), protocol.Commands())
-    return result, [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 def statuses(events: list[dict[str, Any]]) -> list[str]:

@@ -7,8 +7,6 @@ Runs train the tiny SD1.5 checkpoint in-process for a step or three at 64 px.
 
 from __future__ import annotations
 
-import io
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import torch
 from comfyui_dreambooth_lora.trainer import identity, lora, protocol
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig
 from comfyui_dreambooth_lora.trainer.run import train
-from dreambooth_test_support.training import copy_dog_photos, tiny_run_values
+from dreambooth_test_support.training import copy_dog_photos, make_config, run_events
 from safetensors.torch import load_file, save_file
 
 # The LoRA every run here starts from: UNet and text encoder, rank 4, alpha 2, trained from seed 5 so
@@ -41,14 +39,6 @@ def seed_lora(tiny_checkpoint: Path, photos: Path, tmp_path_factory: pytest.Temp
     return result.lora_path
 
 
-def make_config(ckpt: Path, photos: Path, out: Path, **overrides: Any) -> TrainConfig:
-    return TrainConfig.from_dict(tiny_run_values(ckpt, photos, out, **overrides))
-
-
-def run_events(config: TrainConfig) -> tuple[Any, list[dict[str, Any]]]:
-    stream = io.StringIO()
-    result = train(config, protocol.EventWriter(stream), protocol.Commands())
-    return result, [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 def statuses(events: list[dict[str, Any]], level: str | None = None) -> list[str]:

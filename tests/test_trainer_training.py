@@ -7,7 +7,6 @@ process boundary is the point (exit codes, stdin commands, stdout hygiene, accel
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import subprocess
 import sys
@@ -19,8 +18,8 @@ import pytest
 import torch
 from comfyui_dreambooth_lora.trainer import protocol
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig
-from comfyui_dreambooth_lora.trainer.run import TrainingRun, train
-from dreambooth_test_support.training import copy_dog_photos, tiny_run_values
+from comfyui_dreambooth_lora.trainer.run import TrainingRun
+from dreambooth_test_support.training import copy_dog_photos, make_config, run_events
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -33,14 +32,6 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy_dog_photos(tmp_path_factory.mktemp("dog photos"))
 
 
-def make_config(ckpt: Path, photos: Path, out: Path, **overrides: Any) -> TrainConfig:
-    return TrainConfig.from_dict(tiny_run_values(ckpt, photos, out, **overrides))
-
-
-def run_events(config: TrainConfig, commands: protocol.Commands | None = None) -> tuple[Any, list[dict]]:
-    stream = io.StringIO()
-    result = train(config, protocol.EventWriter(stream), commands or protocol.Commands())
-    return result, [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:

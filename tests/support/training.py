@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+from comfyui_dreambooth_lora.trainer import protocol
+from comfyui_dreambooth_lora.trainer.config import TrainConfig
+from comfyui_dreambooth_lora.trainer.run import RunResult, train
 
 from .paths import DREAMBENCH_DIR
 
@@ -29,3 +35,15 @@ def tiny_run_values(ckpt: Path, photos: Path, out: Path, **overrides: Any) -> di
     }
     values.update(overrides)
     return values
+
+
+def make_config(ckpt: Path, photos: Path, out: Path, **overrides: Any) -> TrainConfig:
+    """The tiny run's validated config (``tiny_run_values``)."""
+    return TrainConfig.from_dict(tiny_run_values(ckpt, photos, out, **overrides))
+
+
+def run_events(config: TrainConfig, commands: protocol.Commands | None = None) -> tuple[RunResult, list[dict[str, Any]]]:
+    """Train in this process; the result and every protocol event the trainer emitted."""
+    stream = io.StringIO()
+    result = train(config, protocol.EventWriter(stream), commands or protocol.Commands())
+    return result, [json.loads(line) for line in stream.getvalue().splitlines()]
