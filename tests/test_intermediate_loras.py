@@ -3,13 +3,10 @@ puts under models/loras/<lora_name>_steps/ and returns as its intermediate_loras
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import re
-import sys
 import uuid
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -17,6 +14,7 @@ import torch
 from comfyui_dreambooth_lora.trainer import protocol
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig
 from comfyui_dreambooth_lora.trainer.run import train
+from dreambooth_test_support.paths import sibling_test_module
 from dreambooth_test_support.training import copy_dog_photos, tiny_run_values
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -92,17 +90,6 @@ def test_a_longer_run_resumed_keeps_the_earlier_files(tiny_checkpoint: Path, tmp
 # --------------------------------------------------------------------------------------------- the node
 
 
-def _sibling(name: str) -> ModuleType:
-    """Another test module of this folder, for its prompt helpers (test modules are not on sys.path)."""
-    alias = f"dreambooth_tests_{name}"
-    if alias not in sys.modules:
-        spec = importlib.util.spec_from_file_location(alias, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[alias] = module
-        spec.loader.exec_module(module)
-    return sys.modules[alias]
-
 
 def _listed_names(result: Any, node: str) -> list[str]:
     """The names in the intermediate_loras list, as core's Preview as Text node shows the payload."""
@@ -112,7 +99,7 @@ def _listed_names(result: Any, node: str) -> list[str]:
 
 @pytest.mark.comfy
 def test_train_node_saves_them_under_models_loras_and_lists_them(comfy_server: Any) -> None:
-    helpers = _sibling("test_nodes_train")
+    helpers = sibling_test_module("test_nodes_train")
     name = f"test_steps_{uuid.uuid4().hex[:6]}"
     folder = helpers.add_photos(comfy_server, f"steps {name}", count=2)
     prompt = helpers.train_prompt(folder, name, steps=5, train_text_encoder=False, options=["20", 0])

@@ -21,6 +21,7 @@ import pytest
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig, bounds
 from comfyui_dreambooth_lora.trainer.runtime import OOM_SETTINGS, oom_advice
 from dreambooth_test_support.comfyui import PromptRejected
+from dreambooth_test_support.paths import sibling_test_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,17 +36,6 @@ def _load_graph_settings() -> ModuleType:
         spec.loader.exec_module(module)
     return sys.modules[name]
 
-
-def _sibling(name: str) -> ModuleType:
-    """Another test module of this folder, for its prompt helpers (test modules are not on sys.path)."""
-    alias = f"dreambooth_tests_{name}"
-    if alias not in sys.modules:
-        spec = importlib.util.spec_from_file_location(alias, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[alias] = module
-        spec.loader.exec_module(module)
-    return sys.modules[alias]
 
 
 gs = _load_graph_settings()
@@ -304,7 +294,7 @@ def test_options_nodes_schema(comfy_server) -> None:
 
 
 def _train_graph(server: Any, name: str, **train: Any) -> dict[str, Any]:
-    helpers = _sibling("test_nodes_train")
+    helpers = sibling_test_module("test_nodes_train")
     folder = helpers.add_photos(server, f"options {name}", count=2)
     prompt = helpers.train_prompt(folder, name, steps=1, **train)
     del prompt["3"], prompt["5"]  # only what needs the train node
@@ -335,14 +325,14 @@ def test_options_chain_and_preset_reach_run_json(comfy_server) -> None:
     assert run["cache_latents"] is False, "an options node wins over the memory preset"
     assert run["train_batch_size"] == 1 and run["gradient_checkpointing"] is False, "the preset wins over widgets"
     assert run["mixed_precision"] == "no" and run["device"] == "cpu"
-    statuses = [e["message"] for e in _sibling("test_nodes_train").train_events(result) if e["type"] == "status"]
+    statuses = [e["message"] for e in sibling_test_module("test_nodes_train").train_events(result) if e["type"] == "status"]
     preset_lines = [s for s in statuses if s.startswith("memory preset CPU: batch 1, gradient checkpointing off")]
     assert len(preset_lines) == 1, statuses
     assert re.search(r"options nodes win for cache_latents from DreamBooth Options: Saving & Advanced", preset_lines[0])
 
 
 def test_a_bad_option_is_refused_naming_the_widget(comfy_server) -> None:
-    helpers = _sibling("test_nodes_train")
+    helpers = sibling_test_module("test_nodes_train")
 
     name = f"test_bad_option_{uuid.uuid4().hex[:6]}"
     advanced = {"save_precision": "fp16", "checkpoints_total_limit": 2, "resume": "resume automatically",

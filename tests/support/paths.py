@@ -122,3 +122,15 @@ def import_pack(name: str = PACK_NAME) -> ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+def sibling_test_module(name: str) -> ModuleType:
+    """A test module of tests/ by file stem, for its helpers (test modules are not on sys.path), loaded once."""
+    alias = f"dreambooth_tests_{name}"
+    if alias not in sys.modules:
+        spec = importlib.util.spec_from_file_location(alias, REPO_ROOT / "tests" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[alias] = module
+        spec.loader.exec_module(module)
+    return sys.modules[alias]
