@@ -12,7 +12,7 @@ from ..trainer.config import TrainConfig
 from .graph_settings import OptionValue, TrainOptions
 
 __all__ = ["Dataset", "InstanceData", "LoraFile", "LoraList", "OptionValue", "Options", "Prior", "PriorPreservation",
-           "TrainOptions", "TrainedLora"]
+           "TrainOptions", "TrainedCheckpoint", "TrainedLora", "CheckpointFile"]
 
 # A trained LoRA travelling from the train node to the loader without a round-trip through the
 # LoRA dropdown (which only refreshes when the page reloads).
@@ -25,6 +25,20 @@ class TrainedLora:
 
     path: Path
     name: str  # relative to models/loras, as LoraLoader's dropdown shows it
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# A full fine-tune (all UNet weights) saved as a single-file checkpoint in models/checkpoints, e.g. for
+# the comparison grid's model rows; CheckpointLoaderSimple loads the same file by name.
+CheckpointFile = io.Custom("DREAMBOOTH_CHECKPOINT")
+
+
+@dataclass(frozen=True)
+class TrainedCheckpoint:
+    """Payload of a DREAMBOOTH_CHECKPOINT socket."""
+
+    path: Path
+    name: str  # relative to models/checkpoints, as CheckpointLoaderSimple's dropdown shows it
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
