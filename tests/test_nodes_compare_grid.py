@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 import torch
 from comfyui_dreambooth_lora.trainer import scores
 from dreambooth_test_support.comfyui import ComfyServer
+from dreambooth_test_support.paths import sibling_test_module
 from dreambooth_test_support.tiny_models import tiny_clip_folder, tiny_dino_folder
 from PIL import Image
 from safetensors.torch import save_file
@@ -125,6 +127,42 @@ def test_grid_of_base_and_lora_strengths(comfy_server: ComfyServer, lora_name: s
 
     ticks = [e for e in result.events_of("progress") if e.get("node") == "2"]
     assert [e["value"] for e in ticks] == [1, 2, 3, 4, 5, 6] and {e["max"] for e in ticks} == {6}
+
+
+def grid_outputs(server: ComfyServer, prefix: str) -> list[Path]:
+    folder = server.output_dir / "dreambooth_grids"
+    return sorted(folder.glob(f"{prefix}*")) if folder.is_dir() else []
+
+
+def test_interrupt_stops_between_cells_and_saves_no_table(comfy_server: ComfyServer) -> None:
+    # 4 CFGs x 3 prompts of the base model at 24 steps: several seconds of cells to cut short.
+    prefix = f"cancel_{uuid.uuid4().hex[:8]}"
+    graph = grid_prompt(prefix, prompts="a dog\na cat\na bird", cfgs="7.5, 5, 3, 2", steps=24)
+    total = 12
+    marks: dict[str, float] = {}
+    ticks: list[int] = []
+
+    def interrupt_at_first_cell(event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if event.get("type") == "executing" and data.get("node") == "2":
+            marks.setdefault("started", time.monotonic())
+        if event.get("type") == "progress" and data.get("node") == "2":
+            ticks.append(int(data["value"]))
+            if "asked" not in marks:
+                marks["asked"] = time.monotonic()
+                comfy_server.interrupt()
+
+    result = sibling_test_module("test_nodes_train").follow(comfy_server, graph, interrupt_at_first_cell,
+                                                            timeout=300)
+    ended = time.monotonic()
+    assert result.status == "interrupted", result.error
+    assert result.error is not None and result.error.get("node_id") == "2", result.error
+    assert ticks and max(ticks) < total / 2, f"cells kept coming after the interrupt: {ticks}"
+    first_cell = marks["asked"] - marks["started"]  # the prompts' encoding and one cell
+    assert ended - marks["asked"] < max(2.0, 3 * first_cell), (
+        f"took {ended - marks['asked']:.1f} s to stop; one cell took {first_cell:.1f} s")
+    # A half grid must not look like a finished one: no grid, table or cell folder for the prefix.
+    assert grid_outputs(comfy_server, prefix) == []
 
 
 @pytest.mark.parametrize(("inputs", "named"), [
