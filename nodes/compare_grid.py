@@ -1,20 +1,25 @@
-"""A labelled comparison grid: prompts as columns, base model and LoRA settings as rows.
+"""A labelled comparison grid: prompts as columns, base model, fine-tuned checkpoints and LoRA settings as rows.
 
-Every cell is sampled with the same seed and settings except the row's LoRA, strengths and CFG,
+Every cell is sampled with the same seed and settings except the row's model, LoRA, strengths and CFG,
 so the differences between cells are the differences the settings make. LoRAs are applied with
 the loader node's `apply_lora` (same fit checks, clones per row so no patch leaks into the next
-row), conditioning goes through core's CLIPTextEncode and ControlNetApplyAdvanced, sampling
+row), checkpoints are loaded as CheckpointLoaderSimple loads them (one at a time, released after
+their rows), conditioning goes through core's CLIPTextEncode and ControlNetApplyAdvanced, sampling
 through `comfy.sample` as core's KSampler does.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import itertools
 import json
 import logging
 import math
 import os
 import textwrap
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ from typing import Any
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
+import comfy.sd
 import comfy.utils
 import folder_paths
 import numpy as np
@@ -35,19 +41,22 @@ import nodes as core_nodes
 from ..trainer import scores
 from . import scores as score_node
 from .lora_loader import _file_signature, _load_tensors, apply_lora
-from .types import LoraFile, LoraList, TrainedLora
+from .types import CheckpointFile, LoraFile, LoraList, TrainedCheckpoint, TrainedLora
 
 logger = logging.getLogger(__name__)
 
 MAX_CELLS = 256
 GRID_FOLDER = "dreambooth_grids"
 _PROMPT_LINES = 3  # column label lines before the prompt is cut with an ellipsis
-_NAME_CHARS = 32  # a LoRA name longer than this is shortened in its row label
+_NAME_CHARS = 32  # a LoRA or checkpoint name longer than this is shortened in its row label
+# New columns go at the end, so a spreadsheet that reads older tables by position keeps working.
 CSV_FIELDS = ("row", "column", "lora", "lora_path", "unet_strength", "text_encoder_strength", "cfg", "prompt",
               "negative_prompt", "seed", "steps", "sampler", "scheduler", "width", "height", "image_file",
-              "clip_i", "clip_t", "dino")
+              "clip_i", "clip_t", "dino", "type", "checkpoint", "checkpoint_path", "identifier_removed")
 SCORE_KEYS = ("clip_i", "clip_t", "dino")
 _SCORE_TAGS = ("I", "T", "D")  # short tags drawn under the labels: CLIP-I, CLIP-T, DINO
+# (id of a text encoder, identifier removed) -> (that encoder, kept alive; (positive, negative) per column)
+_Conds = dict[tuple[int, str], tuple[Any, list[tuple[Any, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -57,16 +66,39 @@ class _Lora:
 
 
 @dataclass(frozen=True)
+class _Checkpoint:
+    path: Path
+    name: str  # as models/checkpoints lists it
+    source: str  # the input it came from, for error messages
+
+
+@dataclass(frozen=True)
 class _Row:
     lora: _Lora | None  # None: the model without LoRA
     unet: float | None
     text_encoder: float | None
     cfg: float
+    checkpoint: _Checkpoint | None = None  # a full fine-tune sampled instead of the model input
+    drop: str = ""  # the identifier removed from every prompt of this row ("" = prompts as written)
+
+    @property
+    def kind(self) -> str:
+        return "checkpoint" if self.checkpoint else "lora" if self.lora else "base"
 
     def label_lines(self) -> list[str]:
-        if self.lora is None:
-            return ["base (no LoRA)", f"cfg {self.cfg:g}"]
-        return [_short_name(self.lora.name), f"unet {self.unet:g} / te {self.text_encoder:g}", f"cfg {self.cfg:g}"]
+        if self.checkpoint is not None:
+            lines = [_short_name(self.checkpoint.name), "fine-tuned checkpoint"]
+        elif self.lora is None:
+            lines = ["base (no LoRA)"]
+        else:
+            lines = [_short_name(self.lora.name), f"unet {self.unet:g} / te {self.text_encoder:g}"]
+        if self.drop:
+            lines.append(f"· no identifier ({_short_name(self.drop)})")
+        return [*lines, f"cfg {self.cfg:g}"]
+
+    def prompts(self, columns: list[str]) -> list[str]:
+        """The prompts this row's cells use: the columns, without the identifier on a language-drift row."""
+        return [scores.remove_identifier(p, self.drop) for p in columns] if self.drop else list(columns)
 
 
 def _short_name(name: str) -> str:
@@ -130,11 +162,43 @@ def collect_loras(loras: tuple[TrainedLora, ...] | None, lora: TrainedLora | Non
     return list(unique.values())
 
 
+def collect_checkpoints(checkpoint: TrainedCheckpoint | None, checkpoint_names: str) -> list[_Checkpoint]:
+    """The fine-tuned checkpoints to compare, in order: the connected one, then the named files."""
+    found: list[_Checkpoint] = []
+    if checkpoint is not None:
+        path = Path(checkpoint.path)
+        if not path.is_file():
+            raise ValueError(
+                f"checkpoint: {checkpoint.name!r} points to {path}, which does not exist (deleted or moved since "
+                "training?). Re-run the train node or list the file in checkpoint_names."
+            )
+        found.append(_Checkpoint(path, checkpoint.name or path.name, "checkpoint"))
+    for name in (line.strip() for line in str(checkpoint_names or "").splitlines()):
+        if not name:
+            continue
+        full = folder_paths.get_full_path("checkpoints", name)
+        if full is None:
+            raise ValueError(
+                f"checkpoint_names: {name!r} is not in models/checkpoints. Write the file name as the Load "
+                "Checkpoint node's list shows it (with sub-folder and extension), one per line, or put the file "
+                "into models/checkpoints."
+            )
+        found.append(_Checkpoint(Path(full), name, "checkpoint_names"))
+    unique: dict[Path, _Checkpoint] = {}
+    for item in found:
+        unique.setdefault(item.path.resolve(), item)
+    return list(unique.values())
+
+
 def plan_rows(loras: list[_Lora], include_base: bool, unet: list[float], text_encoder: list[float],
-              cfgs: list[float]) -> list[_Row]:
+              cfgs: list[float], checkpoints: list[_Checkpoint] | None = None, drop: str = "") -> list[_Row]:
+    """Base rows, then each checkpoint's rows (one per CFG), then each LoRA's; with `drop` every checkpoint
+    and LoRA row is followed by its twin without that identifier in the prompts."""
     rows = [_Row(None, None, None, cfg) for cfg in cfgs] if include_base else []
-    for lora in loras:
-        rows += [_Row(lora, u, t, c) for u in unet for t in text_encoder for c in cfgs]
+    trained = [_Row(None, None, None, c, checkpoint=ckpt) for ckpt in checkpoints or [] for c in cfgs]
+    trained += [_Row(lora, u, t, c) for lora in loras for u in unet for t in text_encoder for c in cfgs]
+    for row in trained:
+        rows += [row, _Row(row.lora, row.unet, row.text_encoder, row.cfg, row.checkpoint, drop)] if drop else [row]
     return rows
 
 
@@ -315,6 +379,17 @@ class DreamBoothCompareGrid(io.ComfyNode):
                                optional=True,
                                tooltip=f"A DINO ViT folder in {where} ({scores.DINO_UPSTREAM}) for DINO of every "
                                        "cell; 'none' skips it."),
+                CheckpointFile.Input("checkpoint", optional=True,
+                                     tooltip="A full fine-tune from the train node: its rows (one per CFG) follow "
+                                             "the base rows, decoded with the vae input."),
+                io.String.Input("checkpoint_names", multiline=True, default="", optional=True,
+                                tooltip="Fine-tuned checkpoints from models/checkpoints to compare, one per line, "
+                                        "as the Load Checkpoint node's list shows them. Each is loaded, given a "
+                                        "row per CFG (strengths do not apply) and freed before the next."),
+                io.Boolean.Input("rows_without_identifier", default=False, optional=True,
+                                 tooltip="Follow every LoRA and checkpoint row with the same row whose prompts lack "
+                                         "identifier: the DreamBooth paper's language-drift check (does the class "
+                                         "word alone now draw the subject?). Needs identifier."),
             ],
             outputs=[
                 io.Image.Output("grid", display_name="grid", tooltip="The labelled grid as one image."),
@@ -326,18 +401,12 @@ class DreamBoothCompareGrid(io.ComfyNode):
 
     @classmethod
     @override
-    def fingerprint_inputs(cls, lora_names: str = "", **kwargs: Any) -> Any:
-        # A LoRA file retrained under the same name must give a new grid, not ComfyUI's cached one.
-        stamps = []
-        for name in (line.strip() for line in str(lora_names or "").splitlines()):
-            path = folder_paths.get_full_path("loras", name) if name else None
-            try:
-                stamps.append(_file_signature(Path(path)) if path else name)
-            except OSError:
-                stamps.append(name)
-        # Likewise a score model folder whose files changed.
-        return (*stamps, score_node.DreamBoothScore.fingerprint_inputs(
-            clip_model=kwargs.get("clip_model"), dino_model=kwargs.get("dino_model")))
+    def fingerprint_inputs(cls, lora_names: str = "", checkpoint_names: str = "", **kwargs: Any) -> Any:
+        # A LoRA or checkpoint retrained under the same name must give a new grid, not ComfyUI's cached
+        # one; likewise a score model folder whose files changed.
+        return (*_file_stamps("loras", lora_names), *_file_stamps("checkpoints", checkpoint_names),
+                score_node.DreamBoothScore.fingerprint_inputs(clip_model=kwargs.get("clip_model"),
+                                                              dino_model=kwargs.get("dino_model")))
 
     @classmethod
     @override
@@ -347,7 +416,9 @@ class DreamBoothCompareGrid(io.ComfyNode):
                 loras: tuple[TrainedLora, ...] | None = None, lora: TrainedLora | None = None,
                 control_net: Any = None, hint: torch.Tensor | None = None,
                 control_strength: float = 1.0, reference: torch.Tensor | None = None, identifier: str = "",
-                clip_model: str = score_node.NO_MODEL, dino_model: str = score_node.NO_MODEL) -> io.NodeOutput:
+                clip_model: str = score_node.NO_MODEL, dino_model: str = score_node.NO_MODEL,
+                checkpoint: TrainedCheckpoint | None = None, checkpoint_names: str = "",
+                rows_without_identifier: bool = False) -> io.NodeOutput:
         columns = parse_prompts(prompts)
         unet = parse_numbers(unet_strengths, "unet_strengths")
         text_encoder = parse_numbers(text_encoder_strengths, "text_encoder_strengths")
@@ -360,18 +431,20 @@ class DreamBoothCompareGrid(io.ComfyNode):
         if not str(filename_prefix).strip():
             raise ValueError("filename_prefix is empty. Give a name, e.g. 'grid'.")
         lora_list = collect_loras(loras, lora, lora_names)
-        if not lora_list and not include_base:
+        checkpoints = collect_checkpoints(checkpoint, checkpoint_names)
+        if not lora_list and not checkpoints and not include_base:
             raise ValueError(
-                "Nothing to compare: no LoRA is given and include_base is off. Connect lora or loras, list files "
-                "in lora_names, or turn include_base on."
+                "Nothing to compare: no LoRA or checkpoint is given and include_base is off. Connect lora, loras "
+                "or checkpoint, list files in lora_names or checkpoint_names, or turn include_base on."
             )
-        rows = plan_rows(lora_list, include_base, unet, text_encoder, cfg_values)
+        drop = _check_drop(rows_without_identifier, identifier, columns)
+        rows = plan_rows(lora_list, include_base, unet, text_encoder, cfg_values, checkpoints, drop)
         scoring = _check_scoring(reference, clip_model, dino_model)
         total = len(rows) * len(columns)
         if total > MAX_CELLS:
             raise ValueError(
                 f"The grid would have {total} cells ({len(rows)} rows x {len(columns)} prompts), more than "
-                f"{MAX_CELLS}. Use fewer prompts, LoRAs, strengths or CFGs."
+                f"{MAX_CELLS}. Use fewer prompts, LoRAs, checkpoints, strengths or CFGs."
             )
         tensors = {item.path: _load_tensors(item.path) for item in lora_list}
         for item in lora_list:
@@ -379,19 +452,16 @@ class DreamBoothCompareGrid(io.ComfyNode):
 
         (empty,) = core_nodes.EmptyLatentImage().generate(width, height, 1)
         bar = comfy.utils.ProgressBar(total)
-        conds: dict[int, tuple[Any, list[tuple[Any, Any]]]] = {}
         images: list[torch.Tensor] = []
-        for row in rows:
-            row_model, row_clip = model, clip
-            if row.lora is not None:
-                row_model, row_clip, _ = apply_lora(model, clip, tensors[row.lora.path], row.lora.name,
-                                                    row.unet or 0.0, row.text_encoder or 0.0)
-            # Keyed by the clip object (kept alive in the value): rows that share a text encoder state
-            # (base, te strength 0, other cfgs) encode each prompt once.
-            if id(row_clip) not in conds:
-                conds[id(row_clip)] = (row_clip, cls._encode(row_clip, vae, columns, negative_prompt, control_net,
-                                                             hint, control_strength))
-            for positive, negative in conds[id(row_clip)][1]:
+
+        def render(row: _Row, row_model: Any, row_clip: Any, conds: _Conds) -> None:
+            # Keyed by the clip object (kept alive in the value) and the prompts: rows that share a text
+            # encoder state (base, te strength 0, other cfgs) encode each prompt once.
+            key = (id(row_clip), row.drop)
+            if key not in conds:
+                conds[key] = (row_clip, cls._encode(row_clip, vae, row.prompts(columns), negative_prompt,
+                                                    control_net, hint, control_strength))
+            for positive, negative in conds[key][1]:
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 latent = comfy.sample.fix_empty_latent_channels(row_model, empty["samples"])
                 noise = comfy.sample.prepare_noise(latent, seed)
@@ -403,11 +473,30 @@ class DreamBoothCompareGrid(io.ComfyNode):
                 images.append(decoded[:1])
                 bar.update_absolute(len(images), total)
 
+        def render_checkpoint_rows(group: list[_Row], ckpt_model: Any, ckpt_clip: Any) -> None:
+            conds: _Conds = {}  # dropped with the checkpoint's text encoder
+            for row in group:
+                render(row, ckpt_model, ckpt_clip, conds)
+
+        shared: _Conds = {}
+        # plan_rows keeps each checkpoint's rows together, so each checkpoint is loaded once.
+        for ckpt, group in itertools.groupby(rows, key=lambda r: r.checkpoint):
+            if ckpt is not None:
+                _with_checkpoint(ckpt, model, functools.partial(render_checkpoint_rows, list(group)))
+                continue
+            for row in group:
+                row_model, row_clip = model, clip
+                if row.lora is not None:
+                    row_model, row_clip, _ = apply_lora(model, clip, tensors[row.lora.path], row.lora.name,
+                                                        row.unet or 0.0, row.text_encoder or 0.0)
+                render(row, row_model, row_clip, shared)
+
         pixels = [_to_uint8(image[0]) for image in images]
+        cell_prompts = [p for row in rows for p in row.prompts(columns)]
         cell_scores: list[dict[str, float | None]] = [dict.fromkeys(SCORE_KEYS) for _ in pixels]
         if scoring:
             # After sampling, with the models loaded once for all cells.
-            cell_scores = _score(pixels, reference, columns, identifier, clip_model, dino_model)
+            cell_scores = _score(pixels, reference, cell_prompts, identifier, clip_model, dino_model)
         n = len(columns)
         row_means = [_means(cell_scores[r * n:(r + 1) * n]) for r in range(len(rows))]
         column_means = [_means(cell_scores[c::n]) for c in range(n)]
@@ -416,7 +505,7 @@ class DreamBoothCompareGrid(io.ComfyNode):
         grid, layout = draw_grid(pixels, [row.label_lines() for row in rows], columns, row_parts, column_parts)
         settings = {"seed": seed, "steps": steps, "sampler": sampler_name, "scheduler": scheduler,
                     "width": width, "height": height, "negative_prompt": negative_prompt}
-        table, preview = _save(grid, pixels, rows, columns, settings, layout, filename_prefix.strip(),
+        table, preview = _save(grid, pixels, rows, columns, cell_prompts, settings, layout, filename_prefix.strip(),
                                cell_scores, {"row_means": row_means, "column_means": column_means})
         batch = torch.cat(images, dim=0).to(comfy.model_management.intermediate_device())
         grid_tensor = torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
@@ -435,6 +524,75 @@ class DreamBoothCompareGrid(io.ComfyNode):
                     positive, negative, control_net, hint, control_strength, 0.0, 1.0, vae=vae)
             pairs.append((positive, neg))
         return pairs
+
+
+def _file_stamps(folder: str, names: str) -> list[Any]:
+    stamps: list[Any] = []
+    for name in (line.strip() for line in str(names or "").splitlines()):
+        path = folder_paths.get_full_path(folder, name) if name else None
+        try:
+            stamps.append(_file_signature(Path(path)) if path else name)
+        except OSError:
+            stamps.append(name)
+    return stamps
+
+
+def _check_drop(rows_without_identifier: bool, identifier: str, columns: list[str]) -> str:
+    """The identifier the language-drift rows remove ("" when they are off)."""
+    if not rows_without_identifier:
+        return ""
+    ident = str(identifier or "").strip()
+    if not ident:
+        raise ValueError(
+            "rows_without_identifier is on but identifier is empty. Write the subject's identifier (e.g. 'sks') "
+            "in identifier, or turn rows_without_identifier off."
+        )
+    if all(scores.remove_identifier(p, ident) == p for p in columns):
+        raise ValueError(
+            f"rows_without_identifier: identifier {ident!r} is in none of the prompts, so the rows without it "
+            f"would repeat the rows with it. Check identifier's spelling or put {ident!r} into the prompts."
+        )
+    return ident
+
+
+def _with_checkpoint(ckpt: _Checkpoint, base_model: Any, render: Callable[[Any, Any], Any]) -> None:
+    """Load a fine-tuned checkpoint's MODEL and CLIP, `render(model, clip)` its rows, then free it.
+
+    Loaded as CheckpointLoaderSimple does, without its VAE: a fine-tune leaves the VAE alone, so every row
+    decodes with the grid's vae. Freed before the next checkpoint so that two full models never sit in
+    memory side by side.
+    """
+    comfy.model_management.throw_exception_if_processing_interrupted()  # loading takes a while
+    try:
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+            str(ckpt.path), output_vae=False, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ValueError(f"{ckpt.source}: {ckpt.name!r} could not be loaded as a checkpoint: {exc}") from exc
+    if model is None or clip is None:
+        raise ValueError(
+            f"{ckpt.source}: {ckpt.name!r} holds no {'text encoder' if model is not None else 'diffusion model'}. "
+            "Give a full single-file checkpoint (UNet, text encoder and VAE), as the Load Checkpoint node loads."
+        )
+    own, base = model.model, base_model.model
+    if type(own.latent_format) is not type(base.latent_format):
+        raise ValueError(
+            f"{ckpt.source}: {ckpt.name!r} is a {type(own.model_config).__name__} model but the grid's model is "
+            f"{type(base.model_config).__name__}, whose vae cannot decode its latents. Compare checkpoints "
+            "fine-tuned from the connected model."
+        )
+    alive = weakref.ref(own)
+    del own
+    try:
+        render(model, clip)
+    finally:
+        del model, clip
+    # ComfyUI's list of loaded models holds weak references only: with ours gone it drops the entry,
+    # and the cache is emptied before the next checkpoint loads.
+    comfy.model_management.cleanup_models_gc()
+    comfy.model_management.soft_empty_cache()
+    if alive() is not None:
+        logger.warning("comparison grid: checkpoint %s is still in memory after its rows", ckpt.name)
 
 
 def _check_scoring(reference: torch.Tensor | None, clip_model: str, dino_model: str) -> bool:
@@ -456,12 +614,11 @@ def _check_scoring(reference: torch.Tensor | None, clip_model: str, dino_model: 
     return True
 
 
-def _score(pixels: list[np.ndarray], reference: torch.Tensor, columns: list[str], identifier: str, clip_model: str,
-           dino_model: str) -> list[dict[str, float | None]]:
+def _score(pixels: list[np.ndarray], reference: torch.Tensor, cell_prompts: list[str], identifier: str,
+           clip_model: str, dino_model: str) -> list[dict[str, float | None]]:
     models = score_node.cached_models(clip_model or score_node.NO_MODEL, dino_model or score_node.NO_MODEL)
     ident = str(identifier or "").strip()
-    texts = [scores.remove_identifier(p, ident) if ident else p for p in columns]
-    prompts = [texts[index % len(columns)] for index in range(len(pixels))]
+    prompts = [scores.remove_identifier(p, ident) if ident else p for p in cell_prompts]
     cells = models.score_cells([Image.fromarray(p) for p in pixels],
                                reference=score_node.to_pil(reference, "reference"), prompts=prompts)
     return [cell.as_dict() for cell in cells]
@@ -475,8 +632,8 @@ def _means(cells: list[dict[str, float | None]]) -> dict[str, float | None]:
     return out
 
 
-def _save(grid: Image.Image, pixels: list[np.ndarray], rows: list[_Row], columns: list[str], settings: dict[str, Any],
-          layout: dict[str, int], prefix: str, cell_scores: list[dict[str, float | None]],
+def _save(grid: Image.Image, pixels: list[np.ndarray], rows: list[_Row], columns: list[str], cell_prompts: list[str],
+          settings: dict[str, Any], layout: dict[str, int], prefix: str, cell_scores: list[dict[str, float | None]],
           means: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """Grid PNG, cell PNGs, <name>.json and <name>.csv in output/dreambooth_grids/; returns (table, preview)."""
     output_dir = folder_paths.get_output_directory()
@@ -495,9 +652,11 @@ def _save(grid: Image.Image, pixels: list[np.ndarray], rows: list[_Row], columns
             "row": r, "column": c,
             "lora": row.lora.name if row.lora else "", "lora_path": str(row.lora.path) if row.lora else "",
             "unet_strength": row.unet, "text_encoder_strength": row.text_encoder, "cfg": row.cfg,
-            "prompt": columns[c], **settings,
+            "prompt": cell_prompts[index], **settings,
             "image_file": "/".join(p for p in (subfolder, f"{stem}cells", cell_name) if p),
             **cell_scores[index],
+            "type": row.kind, "checkpoint": row.checkpoint.name if row.checkpoint else "",
+            "checkpoint_path": str(row.checkpoint.path) if row.checkpoint else "", "identifier_removed": row.drop,
         })
     grid.save(Path(folder) / f"{stem}.png", compress_level=4)
     relative = "/".join(p for p in (subfolder, stem) if p)

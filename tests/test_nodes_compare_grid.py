@@ -1,7 +1,9 @@
 """DreamBoothCompareGrid in a real ComfyUI server: tiny SD1.5 checkpoint, 64 px cells, 2 steps.
 
 The LoRA is a UNet-only kohya file built here (attention layers of the tiny UNet), so a row at
-UNet strength 0 must reproduce the base row exactly and a row at strength 1 must not.
+UNet strength 0 must reproduce the base row exactly and a row at strength 1 must not. The
+"fine-tuned" checkpoint is the tiny checkpoint with its UNet weights perturbed; a link to the tiny
+checkpoint itself under another name must reproduce the base row exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dreambooth_test_support.comfyui import ComfyServer
 from dreambooth_test_support.paths import sibling_test_module
 from dreambooth_test_support.tiny_models import tiny_clip_folder, tiny_dino_folder
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.comfy
 
@@ -73,6 +75,24 @@ def lora_name(comfy_server: ComfyServer) -> str:
     name = f"grid lora {uuid.uuid4().hex[:6]}.safetensors"  # a space on purpose
     save_file(unet_lora(), str(comfy_server.models_dir / "loras" / name))
     return name
+
+
+@pytest.fixture(scope="module")
+def finetune_name(comfy_server: ComfyServer, tiny_checkpoint: Path) -> str:
+    """The tiny checkpoint with every UNet weight nudged: a stand-in for a full fine-tune."""
+    gen = torch.Generator().manual_seed(1)
+    sd = load_file(str(tiny_checkpoint))
+    for key, value in sd.items():
+        if key.startswith("model.diffusion_model.") and value.is_floating_point() and value.ndim >= 2:
+            noise = torch.randn(value.shape, generator=gen) * (0.1 * float(value.float().std()) + 1e-3)
+            sd[key] = (value.float() + noise).to(value.dtype)
+    name = f"grid finetune {uuid.uuid4().hex[:6]}.safetensors"
+    save_file(sd, str(comfy_server.models_dir / "checkpoints" / name))
+    return name
+
+
+def cell_pixels(server: ComfyServer, records: list[dict[str, Any]]) -> list[np.ndarray]:
+    return [pixels(server.output_dir / record["image_file"]) for record in records]
 
 
 def test_grid_of_base_and_lora_strengths(comfy_server: ComfyServer, lora_name: str) -> None:
@@ -170,6 +190,9 @@ def test_interrupt_stops_between_cells_and_saves_no_table(comfy_server: ComfySer
     ({"prompts": " \n"}, "prompts"),
     ({"lora_names": "no such lora.safetensors"}, "lora_names"),
     ({"include_base": False}, "include_base"),
+    ({"checkpoint_names": "no such checkpoint.safetensors"}, "checkpoint_names"),
+    ({"rows_without_identifier": True}, "identifier"),
+    ({"rows_without_identifier": True, "identifier": "qzx"}, "qzx"),
 ])
 def test_bad_input_is_an_error_naming_it(comfy_server: ComfyServer, lora_name: str, inputs: dict[str, Any],
                                          named: str) -> None:
@@ -236,3 +259,66 @@ def test_scores_per_cell_with_row_and_column_means(comfy_server: ComfyServer) ->
         cell = pixels(comfy_server.output_dir / record["image_file"])
         assert np.array_equal(cell, pixels(comfy_server.output_dir / plain["cells"][index]["image_file"]))
         assert np.array_equal(grid[top + r * 64: top + (r + 1) * 64, left + c * 64: left + (c + 1) * 64], cell)
+
+
+def test_checkpoint_rows_follow_the_base_row_and_are_freed(comfy_server: ComfyServer, tiny_checkpoint: Path,
+                                                           finetune_name: str, lora_name: str) -> None:
+    same = f"grid same {uuid.uuid4().hex[:6]}.safetensors"
+    comfy_server.add_model("checkpoints", tiny_checkpoint, same)
+    prefix = f"ckpt_{uuid.uuid4().hex[:8]}"
+    result = comfy_server.run_prompt(grid_prompt(prefix, checkpoint_names=f"{finetune_name}\n\n{same}\n",
+                                                 lora_names=lora_name), timeout=300).raise_for_status()
+    table = json.loads(result.outputs["4"]["text"][0])
+    records = table["cells"]
+    assert [(r["type"], r["checkpoint"], r["lora"]) for r in records[::2]] == [
+        ("base", "", ""), ("checkpoint", finetune_name, ""), ("checkpoint", same, ""), ("lora", "", lora_name)]
+    assert all(r["prompt"] == PROMPTS[r["column"]] and r["cfg"] == 7.5 for r in records)
+    assert records[2]["checkpoint_path"].endswith(finetune_name)
+    assert records[2]["unet_strength"] is None and records[2]["text_encoder_strength"] is None
+    assert table["rows"][1].startswith("grid finetune") and "checkpoint" in table["rows"][1]
+    cells = cell_pixels(comfy_server, records)
+    for col in range(2):
+        assert np.array_equal(cells[4 + col], cells[col]), "the base model as a checkpoint must give the base row"
+        assert np.abs(cells[2 + col] - cells[col]).mean() > 1.0, "the fine-tune's row equals the base row"
+    (grid_path,) = comfy_server.output_files(result, node_id="2")
+    with open(grid_path.with_suffix(".csv"), encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(row["type"], row["checkpoint"]) for row in rows[2:4]] == [("checkpoint", finetune_name)] * 2
+    assert "still in memory" not in comfy_server.log_text()
+
+    # The same name pointing at another file (a retrain) is a new grid, not ComfyUI's cached one.
+    retrained = f"grid retrained {uuid.uuid4().hex[:6]}.safetensors"
+    one_cell = {"prompts": PROMPTS[0], "include_base": False, "checkpoint_names": retrained}
+    comfy_server.add_model("checkpoints", tiny_checkpoint, retrained)
+    before = comfy_server.run_prompt(grid_prompt(f"re_{uuid.uuid4().hex[:8]}", **one_cell)).raise_for_status()
+    comfy_server.add_model("checkpoints", comfy_server.models_dir / "checkpoints" / finetune_name, retrained)
+    after = comfy_server.run_prompt(grid_prompt(f"re_{uuid.uuid4().hex[:8]}", **one_cell)).raise_for_status()
+    first, second = (json.loads(r.outputs["4"]["text"][0])["cells"] for r in (before, after))
+    assert np.array_equal(cell_pixels(comfy_server, first)[0], cells[0])
+    assert np.array_equal(cell_pixels(comfy_server, second)[0], cells[2])
+
+
+def test_rows_without_identifier_follow_each_trained_row(comfy_server: ComfyServer, finetune_name: str,
+                                                         lora_name: str) -> None:
+    prefix = f"drift_{uuid.uuid4().hex[:8]}"
+    result = comfy_server.run_prompt(grid_prompt(prefix, lora_names=lora_name, checkpoint_names=finetune_name,
+                                                 identifier="sks", rows_without_identifier=True),
+                                     timeout=300).raise_for_status()
+    table = json.loads(result.outputs["4"]["text"][0])
+    records = table["cells"]
+    dropped = ["a photo of dog", "a photo of dog on the beach at sunset, highly detailed"]
+    expect = [("base", "", PROMPTS), ("checkpoint", "", PROMPTS), ("checkpoint", "sks", dropped),
+              ("lora", "", PROMPTS), ("lora", "sks", dropped)]
+    assert len(records) == 2 * len(expect)
+    for index, record in enumerate(records):
+        kind, removed, prompts = expect[index // 2]
+        assert (record["type"], record["identifier_removed"], record["prompt"]) == (kind, removed,
+                                                                                     prompts[index % 2])
+    assert "no identifier" in table["rows"][4] and "no identifier" not in table["rows"][3]
+    (grid_path,) = comfy_server.output_files(result, node_id="2")
+    with open(grid_path.with_suffix(".csv"), encoding="utf-8", newline="") as fh:
+        assert [row["prompt"] for row in csv.DictReader(fh)][8:] == dropped
+    cells = cell_pixels(comfy_server, records)
+    for col in range(2):
+        assert np.abs(cells[8 + col] - cells[6 + col]).mean() > 1.0, "removing the identifier changed nothing"
+        assert not np.array_equal(cells[4 + col], cells[2 + col])
