@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,17 @@ def _rgb(images: Sequence[Any]) -> list[Any]:
     return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
 
 
+def _embed_in_batches(images: Sequence[Any], processor: Any, batch_size: int, device: torch.device,
+                      embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`embed(pixel_values)` over the images, `batch_size` at a time, as one (N, D) fp32 CPU tensor."""
+    rgb = _rgb(images)
+    out = []
+    for i in range(0, len(rgb), batch_size):
+        pixels = processor(images=rgb[i:i + batch_size], return_tensors="pt")["pixel_values"]
+        out.append(embed(pixels.to(device, torch.float32)).float().cpu())
+    return torch.cat(out)
+
+
 # --------------------------------------------------------------------------- the two embedders
 
 
@@ -194,15 +205,10 @@ class ClipScorer:
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Any]) -> torch.Tensor:
         """Projected CLIP image embeddings (N, D), fp32 on the CPU, not normalised."""
-        out = []
-        images = _rgb(images)
-        for i in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=images[i:i + self.batch_size], return_tensors="pt")["pixel_values"]
-            # vision_model + visual_projection is get_image_features in every transformers version
-            # (5.x's get_image_features returns an output object, 4.x's a tensor).
-            pooled = self.model.vision_model(pixel_values=pixels.to(self.device, torch.float32)).pooler_output
-            out.append(self.model.visual_projection(pooled).float().cpu())
-        return torch.cat(out)
+        # vision_model + visual_projection is get_image_features in every transformers version
+        # (5.x's get_image_features returns an output object, 4.x's a tensor).
+        return _embed_in_batches(images, self.processor, self.batch_size, self.device, lambda pixels: (
+            self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)))
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -246,13 +252,8 @@ class DinoScorer:
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Any]) -> torch.Tensor:
         """CLS tokens of the last layer (after its layer norm, as DINO's own code returns them), (N, D) fp32 CPU."""
-        out = []
-        images = _rgb(images)
-        for i in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=images[i:i + self.batch_size], return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=pixels.to(self.device, torch.float32)).last_hidden_state
-            out.append(hidden[:, 0].float().cpu())
-        return torch.cat(out)
+        return _embed_in_batches(images, self.processor, self.batch_size, self.device,
+                                 lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0])
 
 
 # --------------------------------------------------------------------------- the scores
