@@ -40,7 +40,7 @@ import nodes as core_nodes
 
 from ..trainer import scores
 from . import scores as score_node
-from .lora_loader import _file_signature, _load_tensors, apply_lora
+from .lora_loader import apply_lora, file_signature, load_tensors
 from .types import CheckpointFile, LoraFile, LoraList, TrainedCheckpoint, TrainedLora
 
 logger = logging.getLogger(__name__)
@@ -446,7 +446,7 @@ class DreamBoothCompareGrid(io.ComfyNode):
                 f"The grid would have {total} cells ({len(rows)} rows x {len(columns)} prompts), more than "
                 f"{MAX_CELLS}. Use fewer prompts, LoRAs, checkpoints, strengths or CFGs."
             )
-        tensors = {item.path: _load_tensors(item.path) for item in lora_list}
+        tensors = {item.path: load_tensors(item.path) for item in lora_list}
         for item in lora_list:
             apply_lora(model, clip, tensors[item.path], item.name, 0.0, 0.0)  # fit check before any sampling
 
@@ -531,7 +531,7 @@ def _file_stamps(folder: str, names: str) -> list[Any]:
     for name in (line.strip() for line in str(names or "").splitlines()):
         path = folder_paths.get_full_path(folder, name) if name else None
         try:
-            stamps.append(_file_signature(Path(path)) if path else name)
+            stamps.append(file_signature(Path(path)) if path else name)
         except OSError:
             stamps.append(name)
     return stamps

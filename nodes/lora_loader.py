@@ -82,14 +82,15 @@ class _ReadTracker(dict):
         return default
 
 
-def _file_signature(path: Path) -> tuple[str, int, int]:
+def file_signature(path: Path) -> tuple[str, int, int]:
+    """(resolved path, mtime, size): changes when the file is rewritten or its name points at another file."""
     st = path.stat()
     return (str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The file's tensors, re-read only when the file changed (a retrain under the same name)."""
-    sig = _file_signature(path)
+    sig = file_signature(path)
     hit = _tensor_cache.get(sig)
     if hit is not None:
         _tensor_cache.move_to_end(sig)
@@ -426,7 +427,7 @@ class DreamBoothLoraLoader(io.ComfyNode):
         if path is None:
             return lora_name
         try:
-            return _file_signature(Path(path))
+            return file_signature(Path(path))
         except OSError:
             return lora_name
 
@@ -442,7 +443,7 @@ class DreamBoothLoraLoader(io.ComfyNode):
         lora: TrainedLora | None = None,
     ) -> io.NodeOutput:
         path, name, note = _resolve(lora_name, lora)
-        tensors = _load_tensors(path)
+        tensors = load_tensors(path)
         new_model, new_clip, report = apply_lora(model, clip, tensors, name, strength_model, strength_clip)
         logger.info("%s", report)
         return io.NodeOutput(new_model, new_clip, report + note)
