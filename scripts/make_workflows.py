@@ -128,6 +128,80 @@ def _training_length_sweep() -> dict[str, Any]:
     return nodes
 
 
+# Same photos, same seed: the trainings of a comparison differ only in what the comparison is about.
+TRAIN_SEED = 0
+
+
+def _train_variant(node_id: str, title: str, lora_name: str, **inputs: Any) -> dict[str, Any]:
+    return {node_id: {"class_type": "DreamBoothTrain", "_meta": {"title": title},
+                      "inputs": {"ckpt_name": SD15, "dataset": ["data", 0], "lora_name": lora_name, "steps": 500,
+                                 "seed": TRAIN_SEED, "checkpointing_steps": 100, **inputs}}}
+
+
+def _waits_for(node_id: str, lora_from: list[Any], model_from: list[Any], what: str) -> dict[str, Any]:
+    """A LoRA loader at strength 0 (the model passes through unpatched) that only orders execution.
+
+    The grid takes one trained LoRA through a socket; further LoRAs of the same graph go into its
+    lora_names by file name. ComfyUI runs independent branches in no fixed order, so without a link the
+    grid could look for a file whose training has not run yet. This link makes it wait for that training.
+    """
+    return {node_id: {"class_type": "DreamBoothLoraLoader",
+                      "_meta": {"title": f"Wait for {what} (strength 0: model unchanged)"},
+                      "inputs": {"model": model_from, "clip": [model_from[0], 1], "lora": lora_from,
+                                 "strength_model": 0.0, "strength_clip": 0.0}}}
+
+
+def _compare_trainings(prompts: list[str], prefix: str, named: list[tuple[str, str, str]],
+                       socket_from: list[Any]) -> dict[str, Any]:
+    """Checkpoint -> a strength-0 wait per LoRA given by name -> comparison grid of base + every LoRA.
+
+    `named` is (train node id, LoRA file, what) for the LoRAs the grid reads by name; `socket_from` is
+    the LoRA that comes through the grid's lora socket (its first LoRA row, before the named ones).
+    """
+    nodes = _grid(prompts, prefix, lora=socket_from, lora_names="\n".join(f for _, f, _ in named),
+                  reference=["data", 1], identifier=["idn", 0])
+    model_from: list[Any] = ["ckpt", 0]
+    waits: dict[str, Any] = {}
+    for i, (train_id, _file, what) in enumerate(named):
+        waits.update(_waits_for(f"wait{i}", [train_id, 0], model_from, what))
+        model_from = [f"wait{i}", 0]
+    nodes["grid"]["inputs"].update(model=model_from, clip=[model_from[0], 1])
+    return {"ckpt": nodes.pop("ckpt"), **waits, **nodes}
+
+
+def _prior_preservation_on_off() -> dict[str, Any]:
+    """One subject trained twice, with and without prior preservation: does the class prompt drift?"""
+    nodes: dict[str, Any] = {**_identifier(), **_dataset("data")}
+    nodes["prior"] = {"class_type": "DreamBoothPriorPreservation", "_meta": {"title": "Prior preservation"},
+                      "inputs": {"class_prompt": ["idn", 2], "num_class_images": 100, "prior_loss_weight": 1.0}}
+    nodes.update(_train_variant("train_prior", "Train WITH prior preservation", f"{LORA}_prior",
+                                prior=["prior", 0]))
+    nodes.update(_train_variant("train_plain", "Train WITHOUT prior preservation", f"{LORA}_no_prior"))
+    # "a photo of a dog" has no identifier: with drift it shows the subject instead of some dog.
+    prompts = [DRIFT_PROMPT, "a photo of fac dog", "a photo of fac dog on the beach"]
+    nodes.update(_compare_trainings(prompts, "prior_on_off", socket_from=["train_prior", 0],
+                                    named=[("train_plain", f"{LORA}_no_prior.safetensors", "the LoRA without prior")]))
+    return nodes
+
+
+# Rank and UNet learning rate together, as one study paired them: the smaller the rank, the larger
+# the rate. alpha = rank keeps the LoRA scale at 1, so rank and rate are the only differences.
+RANK_SWEEP = [(4, "2e-3", 2e-3), (8, "2e-4", 2e-4), (16, "2e-5", 2e-5)]
+
+
+def _rank_sweep() -> dict[str, Any]:
+    """Three LoRAs of one subject, rank 4 / 8 / 16 each with its learning rate, side by side."""
+    nodes: dict[str, Any] = {**_identifier(), **_dataset("data")}
+    for rank, label, lr in RANK_SWEEP:
+        nodes.update(_train_variant(f"train_r{rank}", f"Train rank {rank}, lr {label} (one study's pairing)",
+                                    f"{LORA}_rank{rank}", rank=rank, alpha=float(rank), learning_rate=lr))
+    first, *rest = RANK_SWEEP
+    nodes.update(_compare_trainings(
+        ENVIRONMENT_PROMPTS, "rank_sweep", socket_from=[f"train_r{first[0]}", 0],
+        named=[(f"train_r{rank}", f"{LORA}_rank{rank}.safetensors", f"the rank-{rank} LoRA") for rank, _, _ in rest]))
+    return nodes
+
+
 def workflows() -> dict[str, dict[str, Any]]:
     both = _train(prior=True)
     both.update(_generate(["train", 0]))
@@ -137,6 +211,8 @@ def workflows() -> dict[str, dict[str, Any]]:
         "dreambooth_train_then_generate": both,
         "dreambooth_strength_guidance_sweep": _strength_guidance_sweep(),
         "dreambooth_training_length_sweep": _training_length_sweep(),
+        "dreambooth_prior_preservation_on_off": _prior_preservation_on_off(),
+        "dreambooth_rank_sweep": _rank_sweep(),
     }
 
 

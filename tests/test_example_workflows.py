@@ -43,7 +43,8 @@ def load(kind: str, name: str) -> dict[str, Any]:
 
 
 def test_there_are_the_documented_workflows() -> None:
-    assert NAMES == ["dreambooth_strength_guidance_sweep", "dreambooth_train_then_generate",
+    assert NAMES == ["dreambooth_prior_preservation_on_off", "dreambooth_rank_sweep",
+                     "dreambooth_strength_guidance_sweep", "dreambooth_train_then_generate",
                      "dreambooth_train_with_prior", "dreambooth_training_length_sweep",
                      "lora_split_strength_controlnet"]
     for name in NAMES:
@@ -193,3 +194,75 @@ def test_training_length_sweep_then_strength_guidance_sweep(comfy_server, photo_
     for column in range(5):  # strength 0 on both sides is the base model, cell for cell
         assert cell(comfy_server, table, 2, column) == cell(comfy_server, table, 0, column)
         assert cell(comfy_server, table, 3, column) == cell(comfy_server, table, 1, column)
+
+
+
+def trained_apart(comfy_server, prompt: dict[str, Any], photos: str, tag: str) -> tuple[dict[str, Any], dict[str, Path]]:
+    """A workflow with several train nodes made small like `sweep`, each keeping its own LoRA name,
+    rank and alpha (the demo's adaptation gives every train node one name and rank 4).
+    Returns the graph and each train node's LoRA file."""
+    out = sweep(prompt, photos, f"wf/{tag}")
+    renamed: dict[str, str] = {}
+    files: dict[str, Path] = {}
+    for node_id, node in prompt.items():
+        if node["class_type"] != "DreamBoothTrain":
+            continue
+        original = node["inputs"]
+        name = f"wf/{tag}_{Path(original['lora_name']).name}"
+        renamed[f"{original['lora_name']}.safetensors"] = f"{name}.safetensors"
+        out[node_id]["inputs"].update(lora_name=name, rank=original["rank"], alpha=original["alpha"])
+        files[node_id] = Path(comfy_server.models_dir) / "loras" / f"{name}.safetensors"
+    assert len(set(renamed.values())) == len(renamed) > 1, "distinct LoRA names"
+    named = prompt["grid"]["inputs"]["lora_names"].splitlines()
+    out["grid"]["inputs"]["lora_names"] = "\n".join(renamed[line] for line in named)
+    return out, files
+
+
+def row_loras(table: dict[str, Any]) -> list[Path | None]:
+    """The LoRA file of each row (None: the base model)."""
+    firsts = table["cells"][::len(table["columns"])]
+    assert len(firsts) == len(table["rows"])
+    return [Path(c["lora_path"]).resolve() if c["lora_path"] else None for c in firsts]
+
+
+def row_cells(comfy_server, table: dict[str, Any], row: int) -> list[Any]:
+    return [cell(comfy_server, table, row, column) for column in range(len(table["columns"]))]
+
+
+@pytest.mark.slow
+def test_prior_preservation_on_off(comfy_server, photo_folder: str) -> None:
+    graph, files = trained_apart(comfy_server, load("api", "dreambooth_prior_preservation_on_off"), photo_folder,
+                                 "prior_on_off")
+    with_prior, without = files["train_prior"], files["train_plain"]
+    assert graph["train_prior"]["inputs"]["prior"] == ["prior", 0] and "prior" not in graph["train_plain"]["inputs"]
+    assert graph["train_prior"]["inputs"]["seed"] == graph["train_plain"]["inputs"]["seed"]
+    result = comfy_server.run_prompt(graph, timeout=600).raise_for_status()
+    with safe_open(str(with_prior), "pt") as f:
+        assert f.metadata()["ss_prior_loss_weight"] == "1.0"
+    with safe_open(str(without), "pt") as f:
+        assert "ss_prior_loss_weight" not in f.metadata() or float(f.metadata()["ss_prior_loss_weight"]) == 0
+    table = grid_table(comfy_server, result, "grid", graph)
+    assert table["columns"][0] == "a photo of a dog" and len(table["columns"]) == 3
+    assert row_loras(table) == [None, with_prior.resolve(), without.resolve()]
+    # Same seed, same photos: only prior preservation tells the two LoRA rows apart.
+    assert row_cells(comfy_server, table, 1) != row_cells(comfy_server, table, 2)
+
+
+@pytest.mark.slow
+def test_rank_sweep(comfy_server, photo_folder: str) -> None:
+    graph, files = trained_apart(comfy_server, load("api", "dreambooth_rank_sweep"), photo_folder, "ranks")
+    trains = {node_id: graph[node_id]["inputs"] for node_id in files}
+    assert [(t["rank"], t["learning_rate"]) for t in trains.values()] == [(4, 2e-3), (8, 2e-4), (16, 2e-5)]
+    assert len({t["seed"] for t in trains.values()}) == 1
+    result = comfy_server.run_prompt(graph, timeout=600).raise_for_status()
+    table = grid_table(comfy_server, result, "grid", graph)
+    assert len(table["rows"]) == 4 and len(table["columns"]) == 5
+    assert row_loras(table) == [None, *(p.resolve() for p in files.values())]
+    for node_id, path in files.items():
+        rank = trains[node_id]["rank"]
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["ss_network_dim"] == str(rank)
+            downs = [k for k in f.keys() if k.endswith(".lora_down.weight")]
+            assert downs and {f.get_slice(k).get_shape()[0] for k in downs} == {rank}
+    rows = [row_cells(comfy_server, table, r) for r in range(4)]
+    assert len({tuple(r) for r in rows[1:]}) == 3, "the three LoRAs render differently"
