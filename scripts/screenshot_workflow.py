@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 "profile": str(work / "profile"),
                 "viewport": VIEWPORT,
                 "pack": paths.PACK_NAME,
+                "knownNoise": str(REPO / "tests" / "browser" / "known_noise.cjs"),
                 "workflows": {n: json.loads((WORKFLOWS / f"{n}.json").read_text(encoding="utf-8")) for n in names},
                 "target": args.workflow,
                 "widgets": SHORT_RUN,
@@ -230,15 +231,8 @@ const fs = require("fs");
 const { chromium } = require("playwright-core");
 const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
 const report = { problems: [], extension: {}, workflows: {}, prewarm: [], panel: null, console: [], ignored: [] };
-// Frontend 1.32.9 writes a setting while it boots, before the setting is defined (its
-// useRenderModeSetting), and logs this; the stack lies wholly in the frontend's own bundles.
-const FRONTEND_BOOT_ERROR = /^TypeError: Cannot read properties of undefined \(reading 'id'\)\n\s+at onChange \([^)]*\/assets\/index-[^)]*\)\n\s+at Proxy\.set [^]*\/assets\/GraphView-/;
-// Frontends since about 1.50 read the queue and history from `/api/jobs`, which ComfyUI 0.3.75 lacks
-// (as in tests/browser/live_view.cjs): set aside, counted.
-const JOBS_API = /^\/api\/jobs$/;
-const JOBS_API_ERROR = /^(\[Jobs API\] Error fetching jobs|Failed to fetch queue): JobsApiError: Failed to fetch jobs: 404/;
-// Frontend 1.58's panel splitter, about its own saved sizes; not the workflow's.
-const FRONTEND_LAYOUT_WARNING = /^WARNING: Invalid layout total size: [\d.]+%\. Layout normalization will be applied\.$/;
+// The frontend's own noise on a healthy page, shared with the tests (tests/browser/known_noise.cjs).
+const { FRONTEND_BOOT_ERROR, OPTIONAL, JOBS_API, JOBS_API_ERROR, FRONTEND_LAYOUT_WARNING } = require(cfg.knownNoise);
 const STOPPED = /^stopped at step (\d+) \(checkpoint kept\)/;
 const problem = (what) => { report.problems.push(what); console.error("problem:", what); };
 let phase = "start-up";
@@ -351,9 +345,8 @@ function watchPage() {
   // harmlessly. Only what comes from our own server counts.
   // It also probes for optional user files (user.css, saved templates, a workflows folder) and
   // takes a 404 as "none".
-  const optional = /^\/(api\/userdata\/(user\.css|comfy\.templates\.json)|user\.css|api\/userdata|favicon\.ico)$/;
   const local = (url) => !url || url.startsWith(cfg.url) || url.startsWith("data:") || url.startsWith("blob:");
-  const benign = (url) => !local(url) || optional.test(new URL(url).pathname);
+  const benign = (url) => !local(url) || OPTIONAL.test(new URL(url).pathname);
   page.on("console", (msg) => {
     const text = msg.text();
     if (msg.location()?.url && benign(msg.location().url)) { report.ignored.push(`${msg.location().url}: ${text}`); return; }

@@ -13,17 +13,9 @@ const { chromium } = require("playwright-core");
 
 const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
 const report = { problems: [], phases: [], seen: {}, screenshots: {}, console: [], ignored: [] };
-// Frontend 1.32.9 writes a setting while it boots, before the setting is defined (its
-// useRenderModeSetting), and logs this; the stack lies wholly in the frontend's own bundles.
-const FRONTEND_BOOT_ERROR = /^TypeError: Cannot read properties of undefined \(reading 'id'\)\n\s+at onChange \([^)]*\/assets\/index-[^)]*\)\n\s+at Proxy\.set [^]*\/assets\/GraphView-/;
-// Optional files the frontend probes for and takes a 404 as "none" (user.css, saved templates, a
-// workflows folder).
-const OPTIONAL = /^\/(api\/userdata\/(user\.css|comfy\.templates\.json)|user\.css|api\/userdata|favicon\.ico)$/;
-// Frontends since about 1.50 read the queue and history from `/api/jobs`, which ComfyUI 0.3.75 lacks:
-// their queue and history panels stay empty there (no fallback) and every status message logs these.
-// The live view does not use them, so they are set aside (and counted in the report).
-const JOBS_API = /^\/api\/jobs$/;
-const JOBS_API_ERROR = /^(\[Jobs API\] Error fetching jobs|Failed to fetch queue): JobsApiError: Failed to fetch jobs: 404/;
+// The frontend's own noise on a healthy page (boot error of 1.32.9, optional files, the /api/jobs
+// 404s of newer frontends), shared with the other browser checks.
+const { FRONTEND_BOOT_ERROR, OPTIONAL, JOBS_API, JOBS_API_ERROR } = require("./known_noise.cjs");
 const STOPPED = /^stopped at step (\d+) \(checkpoint kept\)/;
 
 let phase = "start-up";

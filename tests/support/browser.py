@@ -120,3 +120,43 @@ def ensure_frontend(version: str = NEW_FRONTEND_VERSION, python: str | Path | No
         raise BrowserSetupError(f"`pip install comfyui-frontend-package=={version}` exited with code "
                                 f"{proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return root
+
+
+# Headless Chromium as the browser tests start it: no GPU, sandbox, or background traffic of its own.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def run_node_script(node: str, script: Path, node_modules: Path, config: dict[str, object], work: Path,
+                    timeout: float) -> dict[str, object]:
+    """Run a ``tests/browser/*.cjs`` driver on ``config`` (it writes its JSON report to ``config["result"]``).
+
+    The driver runs in its own process group, killed with its browser if it overruns. Returns the
+    report with the driver's output added as ``driver_log``; raises AssertionError when it wrote none.
+    """
+    import signal  # noqa: PLC0415 - only the drivers need it
+
+    result_path = work / "result.json"
+    cfg_path = work / "driver.json"
+    cfg_path.write_text(json.dumps({**config, "result": str(result_path)}), encoding="utf-8")
+    env = {**os.environ, "NODE_PATH": str(node_modules)}
+    log_path = work / "driver.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([node, str(script), str(cfg_path)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass  # killed below; the report it wrote so far (if any) says how far it came
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    log_text = log_path.read_text(encoding="utf-8", errors="replace")
+    if not result_path.is_file():
+        raise AssertionError(f"{script.name} exited {proc.returncode} without a report:\n{log_text[-4000:]}")
+    report: dict[str, object] = json.loads(result_path.read_text(encoding="utf-8"))
+    report["driver_log"] = log_text
+    return report
