@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return ERROR_KINDS[kind]
     events.emit("done", status=result.status, step=result.step,
                 lora_path=str(result.lora_path) if result.lora_path else None,
+                checkpoint_path=str(result.checkpoint_path) if result.checkpoint_path else None,
                 config=json.loads(json.dumps(config.to_dict())))
     return EXIT_STOPPED if result.status == "stopped" else EXIT_OK
 

@@ -142,7 +142,7 @@ def restore_training_state(extra: dict[str, Any], *, optimizer: Any, scheduler: 
 
 def save_checkpoint(output_dir: Path, *, step: int, signature: str, trainable: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
-                    lora_tensors: dict[str, torch.Tensor], lora_metadata: dict[str, str],
+                    lora_tensors: dict[str, torch.Tensor] | None, lora_metadata: dict[str, str],
                     keep: int, data_position: dict[str, int], scaler_state: dict[str, Any] | None = None,
                     rng_state: dict[str, Any] | None = None, identity: TrainingIdentity | None = None) -> Path:
     """``data_position`` is informational (it follows from the step and the seed, which is what
@@ -162,7 +162,8 @@ def save_checkpoint(output_dir: Path, *, step: int, signature: str, trainable: d
     if scaler_state:
         extra["grad_scaler"] = scaler_state
     torch.save(extra, long_path(tmp / OPTIMIZER_FILE))
-    save_file(lora_tensors, long_path(tmp / LORA_FILE), metadata=lora_metadata)
+    if lora_tensors is not None:  # None: a full fine-tune, whose weights are all in TENSORS_FILE
+        save_file(lora_tensors, long_path(tmp / LORA_FILE), metadata=lora_metadata)
     state: dict[str, Any] = {"step": step, "signature": signature, "data_position": data_position}
     if identity is not None:
         state["identity"] = identity.to_dict()

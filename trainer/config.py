@@ -41,7 +41,7 @@ NOT_IN_TRAINING_SIGNATURE = frozenset({
     "validation_guidance", "validation_negative_prompt", "output_path", "overwrite", "checkpointing_steps",
     "checkpoints_total_limit", "resume", "cache_dir", "lora_name", "identifier", "metadata", "device",
     "output_dir", "gradient_checkpointing", "attention", "cache_latents", "save_lora_every_n_steps",
-    "intermediate_lora_dir",
+    "intermediate_lora_dir", "extract_lora_rank", "extracted_lora_path",
 })
 
 
@@ -103,6 +103,16 @@ class TrainConfig:
     class_generation_guidance: float = _help("CFG scale when generating class images.", default=7.5, min=0.0)
     class_negative_prompt: str = _help("Negative prompt when generating class images.", default="")
     # --- LoRA --------------------------------------------------------------------------------
+    training_method: Literal["lora", "full"] = _help(
+        "'lora': train LoRA adapters (a small file; the default). 'full': fine-tune every UNet weight (and every "
+        "text-encoder weight with train_text_encoder), the DreamBooth paper's original method; output_path is then "
+        "a single-file checkpoint (a .safetensors base model is needed) and learning_rate / text_encoder_lr apply "
+        "to all weights (the paper used 5e-6).", default="lora")
+    extract_lora_rank: int = _help(
+        "With training_method 'full': also save a LoRA of this rank extracted from the weight change (SVD), which "
+        "any LoRA loader reads. 0: none.", default=0, min=0, max=1024)
+    extracted_lora_path: str = _help(
+        "Where the extracted LoRA goes. Default: beside output_path as <name>_lora_rank<R>.safetensors.", default="")
     rank: int = _help("UNet LoRA rank.", default=16, min=1)
     alpha: float = _help("UNet LoRA alpha (scale = alpha / rank).", default=16.0, min=0.01)
     unet_target: UnetTarget = _help(
@@ -167,7 +177,8 @@ class TrainConfig:
     validation_negative_prompt: str = _help("Negative prompt for validation images.", default="")
     # --- checkpoints and output --------------------------------------------------------------
     output_dir: str = _help("Run folder: checkpoints, samples and logs go here.", default="")
-    output_path: str = _help("Final LoRA file (.safetensors). Default: <output_dir>/lora.safetensors.", default="")
+    output_path: str = _help("Final LoRA file (.safetensors); with training_method 'full' the single-file checkpoint. "
+                             "Default: <output_dir>/lora.safetensors (model.safetensors).", default="")
     overwrite: bool = _help("Replace an existing output_path (otherwise that is an error).", default=False)
     checkpointing_steps: int = _help("Save a resumable checkpoint every N steps (0 disables).", default=0, min=0)
     checkpoints_total_limit: int = _help(
@@ -228,12 +239,28 @@ class TrainConfig:
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         ):
             raise ConfigError("device", f"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
-        if self.output_path and not self.output_path.endswith(".safetensors"):
-            raise ConfigError("output_path", f"must end in .safetensors, got {self.output_path!r}")
+        for key in ("output_path", "extracted_lora_path"):
+            value = getattr(self, key)
+            if value and not value.endswith(".safetensors"):
+                raise ConfigError(key, f"must end in .safetensors, got {value!r}")
+        if self.training_method == "full":
+            for key, why in (("init_lora", "a full fine-tune starts from the base model's weights"),
+                             ("save_lora_every_n_steps", "intermediate files are LoRAs; a full fine-tune saves "
+                                                         "one checkpoint at the end")):
+                if getattr(self, key):
+                    raise ConfigError(key, f"cannot be used with training_method 'full' ({why}); clear it or "
+                                      "use training_method 'lora'")
+        elif self.extract_lora_rank:
+            raise ConfigError("extract_lora_rank", "extracts a LoRA from a full fine-tune; set training_method "
+                              "'full', or 0 (a LoRA training already saves a LoRA)")
 
     def _fill_defaults(self) -> None:
         if not self.output_path:
-            self.output_path = str(Path(self.output_dir) / "lora.safetensors")
+            name = "model.safetensors" if self.training_method == "full" else "lora.safetensors"
+            self.output_path = str(Path(self.output_dir) / name)
+        if self.extract_lora_rank and not self.extracted_lora_path:
+            out = Path(self.output_path)
+            self.extracted_lora_path = str(out.with_name(f"{out.stem}_lora_rank{self.extract_lora_rank}.safetensors"))
         if not self.cache_dir:
             self.cache_dir = str(Path(self.output_dir) / "cache")
         if not self.intermediate_lora_dir:

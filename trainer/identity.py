@@ -41,6 +41,10 @@ STEPS_SETTING = "max_train_steps"
 _PRIOR_SETTINGS = ("class_prompt", "num_class_images", "prior_loss_weight", "class_generation_steps",
                    "class_generation_guidance", "class_negative_prompt")
 _TEXT_ENCODER_SETTINGS = ("text_encoder_rank", "text_encoder_alpha", "text_encoder_lr", "text_encoder_target")
+METHOD_SETTING = "training_method"
+# What shapes LoRA layers, meaningless when every weight is trained (training_method 'full').
+_LORA_SETTINGS = ("rank", "alpha", "unet_target", "lora_dropout", "text_encoder_rank", "text_encoder_alpha",
+                  "text_encoder_target")
 # Learning-rate schedules whose rate at step k does not depend on the total number of steps.
 STEP_COUNT_FREE_SCHEDULES = frozenset({"constant", "constant_with_warmup"})
 
@@ -186,6 +190,12 @@ def result_settings(config: Any) -> dict[str, Any]:
             settings.pop(key, None)
     if not config.train_text_encoder:
         for key in _TEXT_ENCODER_SETTINGS:
+            settings.pop(key, None)
+    if settings.get(METHOD_SETTING) == "lora":
+        # The default method leaves no trace: LoRAs and checkpoints from before it existed still match.
+        del settings[METHOD_SETTING]
+    elif METHOD_SETTING in settings:
+        for key in _LORA_SETTINGS:
             settings.pop(key, None)
     return json.loads(json.dumps(settings))  # tuples -> lists: equal to what comes back from a file
 

@@ -1,4 +1,5 @@
-"""One DreamBooth-LoRA training run: set-up, caches and the optimisation loop.
+"""One DreamBooth training run (LoRA, or every weight with training_method 'full'): set-up, caches and
+the optimisation loop.
 
 Reading order: ``train()`` at the bottom is the whole story; ``TrainingRun`` holds the pieces.
 Everything random is derived from ``config.seed`` and the micro-batch index (never from a global
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import __version__, checkpoint, data, identity, lora, sampling
+from . import __version__, checkpoint, data, full_finetune, identity, lora, sampling
 from .config import ConfigError, TrainConfig
 from .fileio import long_path
 from .models import BaseModel, ModelSource, drop_vae_decoder
@@ -35,7 +36,10 @@ logger = logging.getLogger(__name__)
 class RunResult:
     status: str  # "done" or "stopped"
     step: int
-    lora_path: Path | None  # None when stopped before the first step
+    # The LoRA to use: the final one, the checkpoint's when stopped, the extracted one of a full fine-tune;
+    # None when there is none (stopped before the first step; a full fine-tune without extraction).
+    lora_path: Path | None
+    checkpoint_path: Path | None = None  # training_method 'full': the single-file model, when done
 
 
 class LatentCache:
@@ -90,6 +94,7 @@ class TrainingRun:
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.output_dir = Path(config.output_dir)
+        self.full = config.training_method == "full"
         self.step = 0
 
     # --- set-up ------------------------------------------------------------------------------
@@ -101,6 +106,8 @@ class TrainingRun:
         self.events.status(f"checking {Path(cfg.pretrained_model).name}")
         self.source = ModelSource(cfg.pretrained_model, prediction_type=cfg.prediction_type,
                                   cache_dir=Path(cfg.cache_dir))
+        if self.full:
+            full_finetune.check_source(cfg.pretrained_model, self.source.family, cfg.train_text_encoder)
         self.init_lora = lora.open_init_lora(cfg.init_lora) if cfg.init_lora else None
         for level, message in lora.check_init_lora(self.init_lora, cfg) if self.init_lora else []:
             self.events.status(message, level=level)
@@ -156,7 +163,11 @@ class TrainingRun:
         self.events.status(f"loading {Path(cfg.pretrained_model).name}")
         source = self.source
         self.tokenizer = source.tokenizer()
-        text_encoder: torch.nn.Module | None = source.text_encoder().to(self.device, dtype=self.runtime.weight_dtype)
+        # A full fine-tune trains the weights themselves: they stay in fp32 (autocast computes in half
+        # precision); a LoRA training keeps the frozen base in the run's weight dtype.
+        trained_dtype = torch.float32 if self.full else self.runtime.weight_dtype
+        te_dtype = trained_dtype if cfg.train_text_encoder else self.runtime.weight_dtype
+        text_encoder: torch.nn.Module | None = source.text_encoder().to(self.device, dtype=te_dtype)
         self.commands.check_stop()  # each component takes seconds to minutes: a stop need not wait for all
         self.token_ids = {p: self._tokenize([p])[0] for p in self._training_prompts()}
         self.embedding_cache: dict[str, torch.Tensor] | None = None
@@ -165,7 +176,7 @@ class TrainingRun:
             text_encoder = None  # 123M parameters that training without samples never uses again
             free_accelerator_memory()
         self.commands.check_stop()
-        unet = source.unet().to(self.device, dtype=self.runtime.weight_dtype)
+        unet = source.unet().to(self.device, dtype=trained_dtype)
         self.commands.check_stop()
         needs_decoder = bool(cfg.validation_prompts) or cfg.with_prior_preservation
         vae = source.vae(decoder=needs_decoder).to(self.device)
@@ -255,21 +266,10 @@ class TrainingRun:
         return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                    truncation=True, return_tensors="pt").input_ids
 
-    def setup_lora(self) -> None:
+    def setup_training(self) -> None:
+        """Make what is trained trainable (LoRA layers, or every weight), then the optimizer and schedule."""
         cfg = self.config
-        # peft draws the LoRA down-weights from the global generator (and dropout uses it later).
-        torch.manual_seed(derived_seed(cfg.seed, "lora-init"))
-        lora.add_lora(self.base.unet, rank=cfg.rank, alpha=cfg.alpha, targets=lora.UNET_TARGETS[cfg.unet_target],
-                      dropout=cfg.lora_dropout)
-        groups = [{"params": self._lora_params(self.base.unet), "lr": cfg.learning_rate}]
-        if cfg.train_text_encoder:
-            assert cfg.text_encoder_rank is not None and cfg.text_encoder_alpha is not None
-            lora.add_lora(self.base.text_encoder, rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
-                          targets=lora.TEXT_ENCODER_TARGETS[cfg.text_encoder_target], dropout=cfg.lora_dropout)
-            groups.append({"params": self._lora_params(self.base.text_encoder), "lr": cfg.text_encoder_lr})
-        if self.init_lora is not None:  # before resume: a checkpoint of this training holds later weights
-            te = self.base.text_encoder if cfg.train_text_encoder else None
-            self.events.status(lora.load_init_lora(self.init_lora, self.base.unet, te, cfg))
+        groups = self._full_groups() if self.full else self._lora_groups()
         if cfg.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
@@ -291,6 +291,38 @@ class TrainingRun:
         self.text_encoder = rest[0] if cfg.train_text_encoder else self.base.text_encoder
         self.optimizer = rest[-1]
         self.trainable_models = models
+
+    def _full_groups(self) -> list[dict[str, Any]]:
+        cfg = self.config
+        n_unet = sum(p.numel() for p in self.base.unet.parameters())
+        groups = [{"params": self._all_params(self.base.unet), "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            groups.append({"params": self._all_params(self.base.text_encoder), "lr": cfg.text_encoder_lr})
+        self.events.status(f"full fine-tune: all {n_unet / 1e6:.0f}M UNet weights"
+                           + (" and the text encoder's" if cfg.train_text_encoder else "") + " are trained")
+        return groups
+
+    @staticmethod
+    def _all_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        model.requires_grad_(True)
+        return list(model.parameters())
+
+    def _lora_groups(self) -> list[dict[str, Any]]:
+        cfg = self.config
+        # peft draws the LoRA down-weights from the global generator (and dropout uses it later).
+        torch.manual_seed(derived_seed(cfg.seed, "lora-init"))
+        lora.add_lora(self.base.unet, rank=cfg.rank, alpha=cfg.alpha, targets=lora.UNET_TARGETS[cfg.unet_target],
+                      dropout=cfg.lora_dropout)
+        groups = [{"params": self._lora_params(self.base.unet), "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            assert cfg.text_encoder_rank is not None and cfg.text_encoder_alpha is not None
+            lora.add_lora(self.base.text_encoder, rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
+                          targets=lora.TEXT_ENCODER_TARGETS[cfg.text_encoder_target], dropout=cfg.lora_dropout)
+            groups.append({"params": self._lora_params(self.base.text_encoder), "lr": cfg.text_encoder_lr})
+        if self.init_lora is not None:  # before resume: a checkpoint of this training holds later weights
+            te = self.base.text_encoder if cfg.train_text_encoder else None
+            self.events.status(lora.load_init_lora(self.init_lora, self.base.unet, te, cfg))
+        return groups
 
     def _lora_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -350,7 +382,10 @@ class TrainingRun:
             named.append(("text_encoder.", self.accelerator.unwrap_model(self.text_encoder)))
         return named
 
-    def _kohya(self) -> dict[str, torch.Tensor]:
+    def _kohya(self) -> dict[str, torch.Tensor] | None:
+        """The LoRA as a file's tensors; None for a full fine-tune (no LoRA until it is extracted)."""
+        if self.full:
+            return None
         te = self.accelerator.unwrap_model(self.text_encoder) if self.config.train_text_encoder else None
         return lora.kohya_state_dict(self.accelerator.unwrap_model(self.unet), te,
                                      lora.SAVE_DTYPES[self.config.save_precision])
@@ -367,7 +402,8 @@ class TrainingRun:
                 keep=self.config.checkpoints_total_limit, data_position=self.data_position(),
                 scaler_state=self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
                 identity=self.identity)
-            self.events.emit("checkpoint", step=self.step, path=str(path), lora_path=str(path / checkpoint.LORA_FILE))
+            self.events.emit("checkpoint", step=self.step, path=str(path),
+                             lora_path=None if self.full else str(path / checkpoint.LORA_FILE))
         self.accelerator.wait_for_everyone()
         return path
 
@@ -425,6 +461,35 @@ class TrainingRun:
             lora.write_safetensors_atomic(self._kohya(), path, self._metadata(), overwrite=self.config.overwrite)
         self.accelerator.wait_for_everyone()
         return path
+
+    def save_final_model(self) -> tuple[Path, Path | None]:
+        """A full fine-tune's single-file checkpoint (and its extracted LoRA): (checkpoint, LoRA or None)."""
+        cfg = self.config
+        path = Path(cfg.output_path)
+        lora_path = Path(cfg.extracted_lora_path) if cfg.extract_lora_rank else None
+        if self.accelerator.is_main_process:
+            unet = self.accelerator.unwrap_model(self.unet)
+            te = self.accelerator.unwrap_model(self.text_encoder) if cfg.train_text_encoder else None
+            self.events.status(f"saving the fine-tuned model as {path.name}")
+            dtype = lora.SAVE_DTYPES[cfg.save_precision]
+            meta = full_finetune.checkpoint_metadata(self._metadata(), self.base.family, self.base.prediction_type)
+            tensors = full_finetune.checkpoint_tensors(Path(cfg.pretrained_model), self.base.family, unet, te, dtype)
+            lora.write_safetensors_atomic(tensors, path, meta, overwrite=cfg.overwrite)
+            del tensors
+            if lora_path is not None:
+                self.events.status(f"extracting a rank-{cfg.extract_lora_rank} LoRA from the weight change")
+                self.optimizer = None  # type: ignore[assignment]  # its state is twice the model: not needed now
+                free_accelerator_memory()
+                pairs = [("lora_unet", self.source.unet().to(self.device), unet)]
+                if te is not None:
+                    pairs.append(("lora_te", self.source.text_encoder().to(self.device), te))
+                extracted, layers = full_finetune.extract_lora(pairs, cfg.extract_lora_rank, dtype)
+                lora.write_safetensors_atomic(
+                    extracted, lora_path, full_finetune.extracted_lora_metadata(
+                        self._metadata(), cfg.extract_lora_rank, path.name), overwrite=cfg.overwrite)
+                self.events.status(f"saved {lora_path.name}: {layers} layers at rank <= {cfg.extract_lora_rank}")
+        self.accelerator.wait_for_everyone()
+        return path, lora_path
 
     # --- validation ------------------------------------------------------------------------------
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -585,7 +650,7 @@ class TrainingRun:
         # Checks before work, cheapest first: the config is valid already; then the model file's
         # header and size, then every photo; only then is anything loaded.
         for phase in (self.check_model, self.load_data, self.load_model, self.prepare_class_images,
-                      self.build_caches, self.setup_lora, self.resume_if_possible, self.check_intermediate_loras):
+                      self.build_caches, self.setup_training, self.resume_if_possible, self.check_intermediate_loras):
             self.commands.check_stop()
             phase()
         for model in self.trainable_models:
@@ -605,7 +670,7 @@ class TrainingRun:
             if stop:
                 path = self.save_checkpoint()
                 events.status(f"stopped at step {self.step}; checkpoint saved")
-                return RunResult("stopped", self.step, path / checkpoint.LORA_FILE if path else None)
+                return RunResult("stopped", self.step, path / checkpoint.LORA_FILE if path and not self.full else None)
             started = time.perf_counter()
             metrics = self.optimisation_step()
             train_seconds += time.perf_counter() - started  # samples and checkpoints not included
@@ -625,6 +690,9 @@ class TrainingRun:
                     self.sample()
         self.save_checkpoint()  # lets a later run with more steps continue from here
         self.sample()
+        if self.full:
+            model_path, lora_path = self.save_final_model()
+            return RunResult("done", self.step, lora_path, checkpoint_path=model_path)
         return RunResult("done", self.step, self.save_final_lora())
 
 
