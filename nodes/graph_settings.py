@@ -65,6 +65,7 @@ OPTION_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
       "cache_latents", "random_flip", "device", "background",
       # Last and optional: saved workflows (widget values by position) and API prompts made before it still load.
       "save_lora_every_n_steps")),
+    ("DreamBoothOptionsFullFineTune", "Full Fine-tune", ("training_method", "extract_lora_rank")),
 )
 
 # Keys no widget sets: the train node fills them, each for the reason given.
@@ -72,7 +73,10 @@ NODE_FILLED: dict[str, str] = {
     "pretrained_model": "the full path of ckpt_name in models/checkpoints",
     "instance_data_dir": "the dataset node's resolved folder (folder, folder_path, or the images written to temp/)",
     "output_dir": "output/dreambooth/<lora_name>/: the run folder follows lora_name",
-    "output_path": "models/loras/<lora_name>.safetensors, so LoraLoader lists the result",
+    "output_path": "models/loras/<lora_name>.safetensors, so LoraLoader lists the result (a full fine-tune: "
+                   "models/checkpoints/<lora_name>.safetensors, so CheckpointLoaderSimple lists it)",
+    "extracted_lora_path": "models/loras/<lora_name>_lora_rank<R>.safetensors, so LoraLoader lists the LoRA "
+                           "extracted from a full fine-tune",
     "intermediate_lora_dir": "models/loras/<lora_name>_steps/, so LoraLoader lists the LoRAs saved every "
                              "save_lora_every_n_steps steps too",
     "cache_dir": "output/dreambooth/_cache/, shared by all runs (class images, model hashes)",

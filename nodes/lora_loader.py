@@ -347,8 +347,10 @@ def _resolve(lora_name: str, lora: TrainedLora | None) -> tuple[Path, str, str]:
         return path, lora.name or path.name, note
     if lora_name == FROM_INPUT:
         raise ValueError(
-            f"lora_name is {FROM_INPUT!r} but nothing is connected to the lora input. Connect the "
-            "lora output of the train node, or choose a file from models/loras in lora_name."
+            f"lora_name is {FROM_INPUT!r} but the lora input brings no LoRA: nothing is connected, or the train "
+            "node made a full fine-tune without extracting a LoRA (set extract_lora_rank in DreamBooth Options: Full "
+            "Fine-tune, or load its checkpoint output instead). Connect the lora output of a train node, or choose "
+            "a file from models/loras in lora_name."
         )
     return Path(folder_paths.get_full_path_or_raise("loras", lora_name)), lora_name, ""
 

@@ -41,6 +41,7 @@ _UI: dict[str, dict[str, Any]] = {
     "validation_guidance": {"max": 100.0, "step": 0.5},
     "checkpoints_total_limit": {"max": 10_000},
     "save_lora_every_n_steps": {"max": 1_000_000},
+    "extract_lora_rank": {"max": 1024},
     "class_generation_steps": {"max": 200},
     "class_generation_guidance": {"max": 100.0, "step": 0.5},
 }
@@ -54,6 +55,11 @@ _TIPS: dict[str, str] = {
     "init_lora": " 'none' starts from zero. Lists models/loras (refresh the page after adding one).",
     "device": f" {gs.COMFYUI_DEVICE!r} (or empty): where ComfyUI computes ('--cpu' means the CPU).",
     "background": " Three numbers 0-255: red, green, blue.",
+    "training_method": " 'full' saves models/checkpoints/<lora_name>.safetensors (the train node's checkpoint "
+                       "output; CheckpointLoaderSimple lists it after a refresh); the train node's learning_rate "
+                       "then applies to every UNet weight (the paper: 5e-6) and rank/alpha are not used.",
+    "extract_lora_rank": " The LoRA goes to models/loras/<lora_name>_lora_rank<R>.safetensors and to the train "
+                         "node's lora output.",
     "save_lora_every_n_steps": " They go to models/loras/<lora_name>_steps/ (every LoRA list shows them after a "
                                "refresh) and to the train node's intermediate_loras output.",
 }
@@ -215,5 +221,13 @@ class DreamBoothOptionsAdvanced(_OptionsNode):
                "background colour.")
 
 
+class DreamBoothOptionsFullFineTune(_OptionsNode):
+    GROUP, KEYS = gs.OPTION_GROUPS[4][1], gs.OPTION_GROUPS[4][2]
+    SUMMARY = ("Full DreamBooth, the paper's original method: every UNet weight trained and saved as a checkpoint in "
+               "models/checkpoints (the train node's checkpoint output), optionally with a LoRA of a chosen rank "
+               "extracted from it.")
+
+
 NODES: list[type[io.ComfyNode]] = [DreamBoothOptionsOptimizer, DreamBoothOptionsTextEncoder,
-                                   DreamBoothOptionsValidation, DreamBoothOptionsAdvanced]
+                                   DreamBoothOptionsValidation, DreamBoothOptionsAdvanced,
+                                   DreamBoothOptionsFullFineTune]

@@ -36,7 +36,18 @@ from ..trainer.run_folder import saved_samples
 from . import graph_settings as gs
 from .options import config_help, number_range
 from .trainer_process import METRICS_FILE, WARM_TRAINERS, MetricsLog, UiRelay, run_trainer
-from .types import Dataset, InstanceData, LoraFile, LoraList, Options, Prior, PriorPreservation, TrainedLora
+from .types import (
+    CheckpointFile,
+    Dataset,
+    InstanceData,
+    LoraFile,
+    LoraList,
+    Options,
+    Prior,
+    PriorPreservation,
+    TrainedCheckpoint,
+    TrainedLora,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +110,10 @@ def loras_root() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0]).resolve()
 
 
+def checkpoints_root() -> Path:
+    return Path(folder_paths.get_folder_paths("checkpoints")[0]).resolve()
+
+
 def runs_root() -> Path:
     return Path(folder_paths.get_output_directory()).resolve() / RUNS_SUBDIR
 
@@ -143,7 +158,7 @@ def build_config(*, ckpt_path: Path, dataset: InstanceData, prior: PriorPreserva
         "pretrained_model": str(ckpt_path),
         "instance_data_dir": str(dataset.folder),
         "output_dir": str(runs_root() / rel_name),
-        "output_path": str(loras_root() / f"{rel_name}.safetensors"),
+        "output_path": str(result_path(rel_name, options)),
         "intermediate_lora_dir": str(loras_root() / f"{rel_name}{INTERMEDIATE_SUFFIX}"),
         "cache_dir": str(runs_root() / CACHE_NAME),
         "resume": "auto",
@@ -151,6 +166,9 @@ def build_config(*, ckpt_path: Path, dataset: InstanceData, prior: PriorPreserva
         "device": _trainer_device(),
         "metadata": metadata,
     }
+    extract_rank = _option(options, "extract_lora_rank", 0)
+    if extract_rank:
+        node_filled["extracted_lora_path"] = str(loras_root() / f"{rel_name}_lora_rank{extract_rank}.safetensors")
     from_dataset = {"instance_prompt": dataset.instance_prompt, "use_captions": dataset.use_captions,
                     "resolution": dataset.resolution, "crop": dataset.crop}
     from_prior = None
@@ -164,6 +182,21 @@ def build_config(*, ckpt_path: Path, dataset: InstanceData, prior: PriorPreserva
     graph = gs.assemble(node_filled=node_filled, dataset=from_dataset, prior=from_prior, widgets=settings,
                         memory_preset=memory_preset, options=options)
     return gs.make_config(graph), graph
+
+
+def _option(options: gs.TrainOptions | None, key: str, default: Any) -> Any:
+    return options[key].value if options is not None and key in options else default
+
+
+def is_full_finetune(options: gs.TrainOptions | None) -> bool:
+    return _option(options, "training_method", "lora") == "full"
+
+
+def result_path(rel_name: str, options: gs.TrainOptions | None) -> Path:
+    """The file a training ends with: its LoRA, or a full fine-tune's checkpoint (where each loader looks)."""
+    if is_full_finetune(options):
+        return _inside(checkpoints_root() / f"{rel_name}.safetensors", checkpoints_root())
+    return _inside(loras_root() / f"{rel_name}.safetensors", loras_root())
 
 
 def read_lora_metadata(path: Path) -> dict[str, str]:
@@ -289,6 +322,8 @@ def saved_intermediate_loras(config: TrainConfig, final_metadata: dict[str, str]
 
 def _result(rel_name: str, lora_path: Path, run_dir: Path, config: TrainConfig,
             sample_paths: list[Path] | None = None) -> io.NodeOutput:
+    """The node's outputs for the finished training whose file is ``lora_path`` (a full fine-tune: its
+    checkpoint, with the extracted LoRA, if any, as the lora output)."""
     meta = read_lora_metadata(lora_path)
     try:
         step = int(meta.get("ss_steps", config.max_train_steps))
@@ -298,8 +333,16 @@ def _result(rel_name: str, lora_path: Path, run_dir: Path, config: TrainConfig,
     curve = render_loss_curve(metrics.curve(up_to=step), total_steps=config.max_train_steps,
                               title=f"loss of {rel_name}")
     samples = load_images(sample_paths if sample_paths else _latest_samples(run_dir, step))
+    if config.training_method == "full":
+        checkpoint = TrainedCheckpoint(path=lora_path, name=f"{rel_name}.safetensors", metadata=meta)
+        extracted = Path(config.extracted_lora_path) if config.extract_lora_rank else None
+        trained = None
+        if extracted is not None:
+            trained = TrainedLora(path=extracted, name=extracted.resolve().relative_to(loras_root()).as_posix(),
+                                  metadata=read_lora_metadata(extracted))
+        return io.NodeOutput(trained, pil_to_image(curve), samples, (), checkpoint)
     trained = TrainedLora(path=lora_path, name=f"{rel_name}.safetensors", metadata=meta)
-    return io.NodeOutput(trained, pil_to_image(curve), samples, saved_intermediate_loras(config, meta))
+    return io.NodeOutput(trained, pil_to_image(curve), samples, saved_intermediate_loras(config, meta), None)
 
 
 # --------------------------------------------------------------------------------------------- node
@@ -424,6 +467,10 @@ class DreamBoothTrain(io.ComfyNode):
                                         "Saving & Advanced), in step order, from models/loras/<lora_name>"
                                         f"{INTERMEDIATE_SUFFIX}/; empty when that setting is 0. The final LoRA is "
                                         "the lora output."),
+                CheckpointFile.Output("checkpoint", display_name="checkpoint",
+                                      tooltip="With DreamBooth Options: Full Fine-tune (training_method full): the "
+                                              "fine-tuned model in models/checkpoints/<lora_name>.safetensors, e.g. "
+                                              "for the comparison grid's checkpoint input; empty for a LoRA."),
             ],
         )
 
@@ -448,14 +495,15 @@ class DreamBoothTrain(io.ComfyNode):
     @override
     def fingerprint_inputs(cls, ckpt_name: str = "", lora_name: str = DEFAULT_LORA_NAME, **kwargs: Any) -> Any:
         # The dataset node's own fingerprint already covers the photos. Here: a checkpoint replaced under
-        # the same name, and a LoRA file deleted or replaced since it was returned.
+        # the same name, and a result file deleted or replaced since it was returned (the LoRA, or a full
+        # fine-tune's checkpoint: the options input is linked, so which one is not known here).
         ckpt = folder_paths.get_full_path("checkpoints", ckpt_name)
         try:
-            lora_path = loras_root() / f"{sanitize_lora_name(lora_name)}.safetensors"
+            rel_name = sanitize_lora_name(lora_name)
+            results = [loras_root() / f"{rel_name}.safetensors", checkpoints_root() / f"{rel_name}.safetensors"]
         except ValueError:
-            lora_path = None
-        return (_file_signature(Path(ckpt)) if ckpt else None,
-                _file_signature(lora_path) if lora_path else None)
+            results = []
+        return (_file_signature(Path(ckpt)) if ckpt else None, *(_file_signature(p) for p in results))
 
     @classmethod
     @override
@@ -470,7 +518,8 @@ class DreamBoothTrain(io.ComfyNode):
         ckpt_path = Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
         rel_name = sanitize_lora_name(lora_name)
         relay = UiRelay(node_id, run_name=rel_name)
-        lora_path = _inside(loras_root() / f"{rel_name}.safetensors", loras_root())
+        # The file the training ends with: the LoRA, or a full fine-tune's checkpoint.
+        lora_path = result_path(rel_name, options)
         run_dir = _inside(runs_root() / rel_name, runs_root())
         _inside(loras_root() / f"{rel_name}{INTERMEDIATE_SUFFIX}", loras_root())
         settings = {
@@ -490,6 +539,11 @@ class DreamBoothTrain(io.ComfyNode):
         if lora_path.is_file():
             diffs = differences_from(lora_path, config, instance_images=dataset.fingerprint,
                                      names={**_WIDGET_NAMES, **graph.display_names()})
+            if not diffs and config.extract_lora_rank and not Path(config.extracted_lora_path).is_file():
+                raise ValueError(
+                    f"{lora_path.name} holds this training, but no rank-{config.extract_lora_rank} LoRA was extracted "
+                    f"from it ({Path(config.extracted_lora_path).name} is missing): turn on overwrite to train again "
+                    "with the extraction, or set extract_lora_rank to the rank it was saved with.")
             if not diffs:
                 relay.status(f"{lora_path.name} already holds this training (same settings, images and base "
                              "model): returned without training", reused=True)
