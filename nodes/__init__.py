@@ -18,6 +18,7 @@ _NODE_MODULES = (
     "controlnet",
     "scores",
     "compare_grid",
+    "lora_list",
 )
 
 
