@@ -138,35 +138,17 @@ def _train_variant(node_id: str, title: str, lora_name: str, **inputs: Any) -> d
                                  "seed": TRAIN_SEED, "checkpointing_steps": 100, **inputs}}}
 
 
-def _waits_for(node_id: str, lora_from: list[Any], model_from: list[Any], what: str) -> dict[str, Any]:
-    """A LoRA loader at strength 0 (the model passes through unpatched) that only orders execution.
+def _compare_trainings(prompts: list[str], prefix: str, train_ids: list[str], **inputs: Any) -> dict[str, Any]:
+    """Each train node's `lora` -> one LoRA List -> comparison grid of the base model and every LoRA, in order.
 
-    The grid takes one trained LoRA through a socket; further LoRAs of the same graph go into its
-    lora_names by file name. ComfyUI runs independent branches in no fixed order, so without a link the
-    grid could look for a file whose training has not run yet. This link makes it wait for that training.
+    Links, not file names, bring the LoRAs to the grid: ComfyUI runs independent branches in no fixed
+    order, and a link is what makes the grid wait for every training it shows.
     """
-    return {node_id: {"class_type": "DreamBoothLoraLoader",
-                      "_meta": {"title": f"Wait for {what} (strength 0: model unchanged)"},
-                      "inputs": {"model": model_from, "clip": [model_from[0], 1], "lora": lora_from,
-                                 "strength_model": 0.0, "strength_clip": 0.0}}}
-
-
-def _compare_trainings(prompts: list[str], prefix: str, named: list[tuple[str, str, str]],
-                       socket_from: list[Any]) -> dict[str, Any]:
-    """Checkpoint -> a strength-0 wait per LoRA given by name -> comparison grid of base + every LoRA.
-
-    `named` is (train node id, LoRA file, what) for the LoRAs the grid reads by name; `socket_from` is
-    the LoRA that comes through the grid's lora socket (its first LoRA row, before the named ones).
-    """
-    nodes = _grid(prompts, prefix, lora=socket_from, lora_names="\n".join(f for _, f, _ in named),
-                  reference=["data", 1], identifier=["idn", 0])
-    model_from: list[Any] = ["ckpt", 0]
-    waits: dict[str, Any] = {}
-    for i, (train_id, _file, what) in enumerate(named):
-        waits.update(_waits_for(f"wait{i}", [train_id, 0], model_from, what))
-        model_from = [f"wait{i}", 0]
-    nodes["grid"]["inputs"].update(model=model_from, clip=[model_from[0], 1])
-    return {"ckpt": nodes.pop("ckpt"), **waits, **nodes}
+    assert 1 <= len(train_ids) <= 4, "the LoRA List node has lora_1 .. lora_4 (chain a second one for more)"
+    nodes = _grid(prompts, prefix, loras=["list", 0], reference=["data", 1], identifier=["idn", 0], **inputs)
+    lora_list = {"class_type": "DreamBoothLoraList", "_meta": {"title": "LoRAs to compare"},
+                 "inputs": {f"lora_{i}": [train_id, 0] for i, train_id in enumerate(train_ids, 1)}}
+    return {"ckpt": nodes.pop("ckpt"), "list": lora_list, **nodes}
 
 
 def _prior_preservation_on_off() -> dict[str, Any]:
@@ -179,26 +161,31 @@ def _prior_preservation_on_off() -> dict[str, Any]:
     nodes.update(_train_variant("train_plain", "Train WITHOUT prior preservation", f"{LORA}_no_prior"))
     # "a photo of a dog" has no identifier: with drift it shows the subject instead of some dog.
     prompts = [DRIFT_PROMPT, "a photo of fac dog", "a photo of fac dog on the beach"]
-    nodes.update(_compare_trainings(prompts, "prior_on_off", socket_from=["train_prior", 0],
-                                    named=[("train_plain", f"{LORA}_no_prior.safetensors", "the LoRA without prior")]))
+    nodes.update(_compare_trainings(prompts, "prior_on_off", ["train_prior", "train_plain"]))
     return nodes
 
 
 # Rank and UNet learning rate together, as one study paired them: the smaller the rank, the larger
 # the rate. alpha = rank keeps the LoRA scale at 1, so rank and rate are the only differences.
 RANK_SWEEP = [(4, "2e-3", 2e-3), (8, "2e-4", 2e-4), (16, "2e-5", 2e-5)]
+FULL_LR = 5e-6
 
 
 def _rank_sweep() -> dict[str, Any]:
-    """Three LoRAs of one subject, rank 4 / 8 / 16 each with its learning rate, side by side."""
+    """Three LoRAs of one subject, rank 4 / 8 / 16 each with its learning rate, and the paper's full
+    fine-tune of the same photos and seed, side by side, each also without the identifier (language drift)."""
     nodes: dict[str, Any] = {**_identifier(), **_dataset("data")}
     for rank, label, lr in RANK_SWEEP:
         nodes.update(_train_variant(f"train_r{rank}", f"Train rank {rank}, lr {label} (one study's pairing)",
                                     f"{LORA}_rank{rank}", rank=rank, alpha=float(rank), learning_rate=lr))
-    first, *rest = RANK_SWEEP
-    nodes.update(_compare_trainings(
-        ENVIRONMENT_PROMPTS, "rank_sweep", socket_from=[f"train_r{first[0]}", 0],
-        named=[(f"train_r{rank}", f"{LORA}_rank{rank}.safetensors", f"the rank-{rank} LoRA") for rank, _, _ in rest]))
+    nodes["full_opts"] = {"class_type": "DreamBoothOptionsFullFineTune", "_meta": {"title": "Full fine-tune"},
+                          "inputs": {"training_method": "full", "extract_lora_rank": 0}}
+    # The paper's setting: every UNet weight at 5e-6 (LoRA rates wreck a full fine-tune), text encoder frozen.
+    nodes.update(_train_variant("train_full", f"Full fine-tune, lr {FULL_LR:g} (the DreamBooth paper)",
+                                f"{LORA}_full", learning_rate=FULL_LR, train_text_encoder=False,
+                                options=["full_opts", 0]))
+    nodes.update(_compare_trainings(ENVIRONMENT_PROMPTS, "rank_sweep", [f"train_r{rank}" for rank, _, _ in RANK_SWEEP],
+                                    checkpoint=["train_full", 4], rows_without_identifier=True))
     return nodes
 
 

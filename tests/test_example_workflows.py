@@ -200,29 +200,36 @@ def test_training_length_sweep_then_strength_guidance_sweep(comfy_server, photo_
 def trained_apart(comfy_server, prompt: dict[str, Any], photos: str, tag: str) -> tuple[dict[str, Any], dict[str, Path]]:
     """A workflow with several train nodes made small like `sweep`, each keeping its own LoRA name,
     rank and alpha (the demo's adaptation gives every train node one name and rank 4).
-    Returns the graph and each train node's LoRA file."""
+    Returns the graph and each train node's file (a full fine-tune's in models/checkpoints)."""
     out = sweep(prompt, photos, f"wf/{tag}")
-    renamed: dict[str, str] = {}
     files: dict[str, Path] = {}
     for node_id, node in prompt.items():
         if node["class_type"] != "DreamBoothTrain":
             continue
         original = node["inputs"]
         name = f"wf/{tag}_{Path(original['lora_name']).name}"
-        renamed[f"{original['lora_name']}.safetensors"] = f"{name}.safetensors"
         out[node_id]["inputs"].update(lora_name=name, rank=original["rank"], alpha=original["alpha"])
-        files[node_id] = Path(comfy_server.models_dir) / "loras" / f"{name}.safetensors"
-    assert len(set(renamed.values())) == len(renamed) > 1, "distinct LoRA names"
-    named = prompt["grid"]["inputs"]["lora_names"].splitlines()
-    out["grid"]["inputs"]["lora_names"] = "\n".join(renamed[line] for line in named)
+        options = prompt[original["options"][0]]["inputs"] if "options" in original else {}
+        folder = "checkpoints" if options.get("training_method") == "full" else "loras"
+        files[node_id] = Path(comfy_server.models_dir) / folder / f"{name}.safetensors"
+    assert len(set(files.values())) == len(files) > 1, "distinct file names"
+    # Every trained LoRA reaches the grid through a link (so the grid waits for it), none by file name.
+    assert prompt["grid"]["inputs"]["lora_names"] == ""
     return out, files
 
 
 def row_loras(table: dict[str, Any]) -> list[Path | None]:
-    """The LoRA file of each row (None: the base model)."""
+    """The LoRA file of each row (None: the base model or a checkpoint)."""
     firsts = table["cells"][::len(table["columns"])]
     assert len(firsts) == len(table["rows"])
     return [Path(c["lora_path"]).resolve() if c["lora_path"] else None for c in firsts]
+
+
+def row_kinds(table: dict[str, Any]) -> list[tuple[str, Path | None, str]]:
+    """(type, LoRA or checkpoint file, identifier removed) of each row."""
+    firsts = table["cells"][::len(table["columns"])]
+    return [(c["type"], Path(c["lora_path"] or c["checkpoint_path"]).resolve()
+             if c["lora_path"] or c["checkpoint_path"] else None, c["identifier_removed"]) for c in firsts]
 
 
 def row_cells(comfy_server, table: dict[str, Any], row: int) -> list[Any]:
@@ -251,18 +258,33 @@ def test_prior_preservation_on_off(comfy_server, photo_folder: str) -> None:
 @pytest.mark.slow
 def test_rank_sweep(comfy_server, photo_folder: str) -> None:
     graph, files = trained_apart(comfy_server, load("api", "dreambooth_rank_sweep"), photo_folder, "ranks")
+    full = files.pop("train_full")
     trains = {node_id: graph[node_id]["inputs"] for node_id in files}
     assert [(t["rank"], t["learning_rate"]) for t in trains.values()] == [(4, 2e-3), (8, 2e-4), (16, 2e-5)]
-    assert len({t["seed"] for t in trains.values()}) == 1
+    assert graph["full_opts"]["inputs"] == {"training_method": "full", "extract_lora_rank": 0}
+    full_inputs = graph["train_full"]["inputs"]
+    assert full_inputs["options"] == ["full_opts", 0] and graph["grid"]["inputs"]["checkpoint"] == ["train_full", 4]
+    assert (full_inputs["learning_rate"], full_inputs["train_text_encoder"]) == (5e-6, False), "the paper's"
+    assert len({t["seed"] for t in [*trains.values(), full_inputs]}) == 1
+    assert graph["grid"]["inputs"]["rows_without_identifier"] is True
+    # 6 steps at the paper's 5e-6 would leave the tiny model's pixels as they were.
+    full_inputs["learning_rate"] = 1e-3
     result = comfy_server.run_prompt(graph, timeout=600).raise_for_status()
     table = grid_table(comfy_server, result, "grid", graph)
-    assert len(table["rows"]) == 4 and len(table["columns"]) == 5
-    assert row_loras(table) == [None, *(p.resolve() for p in files.values())]
+    assert len(table["rows"]) == 9 and len(table["columns"]) == 5
+    ident = table["cells"][2 * len(table["columns"])]["identifier_removed"]  # the checkpoint's no-identifier row
+    assert ident and all(ident in p for p in table["columns"])
+    trained = [("checkpoint", full.resolve()), *(("lora", p.resolve()) for p in files.values())]
+    assert row_kinds(table) == [("base", None, ""), *((kind, path, drop) for kind, path in trained
+                                                      for drop in ("", ident))]
+    with safe_open(str(full), "pt") as f:
+        assert f.metadata()["dreambooth.training_method"] == "full"
     for node_id, path in files.items():
         rank = trains[node_id]["rank"]
         with safe_open(str(path), "pt") as f:
             assert f.metadata()["ss_network_dim"] == str(rank)
             downs = [k for k in f.keys() if k.endswith(".lora_down.weight")]
             assert downs and {f.get_slice(k).get_shape()[0] for k in downs} == {rank}
-    rows = [row_cells(comfy_server, table, r) for r in range(4)]
-    assert len({tuple(r) for r in rows[1:]}) == 3, "the three LoRAs render differently"
+    rows = [row_cells(comfy_server, table, r) for r in range(9)]
+    assert rows[1] != rows[0], "the fine-tuned checkpoint renders differently from the base model"
+    assert len({tuple(rows[r]) for r in (3, 5, 7)}) == 3, "the three LoRAs render differently"
