@@ -13,8 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from comfyui_dreambooth_lora.trainer import scores
 from dreambooth_test_support.paths import DREAMBENCH_DIR
+from dreambooth_test_support.tiny_models import tiny_clip_folder, tiny_dino_folder
 from PIL import Image
 from safetensors import safe_open
 
@@ -232,6 +235,25 @@ def row_kinds(table: dict[str, Any]) -> list[tuple[str, Path | None, str]]:
              if c["lora_path"] or c["checkpoint_path"] else None, c["identifier_removed"]) for c in firsts]
 
 
+def check_scores(comfy_server, table: dict[str, Any], clip_dir: Path, identifier: str) -> None:
+    """Every cell scored; CLIP-T recomputed from the saved cell and its prompt without the identifier;
+    the row and column means are the means of the cells."""
+    model = scores.ScoreModels.load(clip_dir, None)
+    width = len(table["columns"])
+    for record in table["cells"]:
+        assert all(-1.0 <= record[k] <= 1.0 for k in ("clip_i", "clip_t", "dino")), record
+    for record in table["cells"][::7]:  # a sample across rows and columns keeps it quick
+        with Image.open(comfy_server.output_dir / record["image_file"]) as img:
+            picture = img.convert("RGB")
+        text = scores.remove_identifier(record["prompt"], identifier)
+        assert record["clip_t"] == pytest.approx(model.clip_t([picture], [text]), abs=1e-4)
+    for key in ("clip_i", "clip_t", "dino"):
+        for r, means in enumerate(table["row_means"]):
+            assert means[key] == pytest.approx(np.mean([x[key] for x in table["cells"][r * width:(r + 1) * width]]))
+        for c, means in enumerate(table["column_means"]):
+            assert means[key] == pytest.approx(np.mean([x[key] for x in table["cells"][c::width]]))
+
+
 def row_cells(comfy_server, table: dict[str, Any], row: int) -> list[Any]:
     return [cell(comfy_server, table, row, column) for column in range(len(table["columns"]))]
 
@@ -269,11 +291,16 @@ def test_rank_sweep(comfy_server, photo_folder: str) -> None:
     assert graph["grid"]["inputs"]["rows_without_identifier"] is True
     # 6 steps at the paper's 5e-6 would leave the tiny model's pixels as they were.
     full_inputs["learning_rate"] = 1e-3
+    # Scored as a user would: tiny CLIP and DINO folders picked on the grid (the photos are wired to it).
+    root = comfy_server.models_dir / "dreambooth_scores"
+    clip_dir, _ = tiny_clip_folder(root / "rank-sweep-clip"), tiny_dino_folder(root / "rank-sweep-dino")
+    graph["grid"]["inputs"] |= {"clip_model": "rank-sweep-clip", "dino_model": "rank-sweep-dino"}
     result = comfy_server.run_prompt(graph, timeout=600).raise_for_status()
     table = grid_table(comfy_server, result, "grid", graph)
     assert len(table["rows"]) == 9 and len(table["columns"]) == 5
     ident = table["cells"][2 * len(table["columns"])]["identifier_removed"]  # the checkpoint's no-identifier row
     assert ident and all(ident in p for p in table["columns"])
+    check_scores(comfy_server, table, clip_dir, ident)
     trained = [("checkpoint", full.resolve()), *(("lora", p.resolve()) for p in files.values())]
     assert row_kinds(table) == [("base", None, ""), *((kind, path, drop) for kind, path in trained
                                                       for drop in ("", ident))]
