@@ -532,7 +532,7 @@ def test_schema_has_tooltips_and_a_fixed_seed(comfy_server: ComfyServer) -> None
     assert train["output_node"] is True
     assert train["input"]["required"]["seed"][1]["control_after_generate"] is False, "a random seed would retrain"
     # Saved workflows link outputs by position: new outputs are appended.
-    assert train["output"] == ["DREAMBOOTH_LORA", "IMAGE", "IMAGE", "DREAMBOOTH_LORA_LIST"]
+    assert train["output"] == ["DREAMBOOTH_LORA", "IMAGE", "IMAGE", "DREAMBOOTH_LORA_LIST", "DREAMBOOTH_CHECKPOINT"]
 
 
 def test_web_extension_is_served(comfy_server: ComfyServer) -> None:
