@@ -446,7 +446,8 @@ class DreamBoothCompareGrid(io.ComfyNode):
                 f"The grid would have {total} cells ({len(rows)} rows x {len(columns)} prompts), more than "
                 f"{MAX_CELLS}. Use fewer prompts, LoRAs, checkpoints, strengths or CFGs."
             )
-        tensors = {item.path: load_tensors(item.path) for item in lora_list}
+        # Each LoRA came from lora_names, the lora socket or the loras list: the message names the file.
+        tensors = {item.path: load_tensors(item.path, "LoRA") for item in lora_list}
         for item in lora_list:
             apply_lora(model, clip, tensors[item.path], item.name, 0.0, 0.0)  # fit check before any sampling
 

@@ -88,8 +88,9 @@ def file_signature(path: Path) -> tuple[str, int, int]:
     return (str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors, re-read only when the file changed (a retrain under the same name)."""
+def load_tensors(path: Path, input_name: str = "lora_name") -> dict[str, torch.Tensor]:
+    """The file's tensors, re-read only when the file changed (a retrain under the same name).
+    ``input_name``: the node input a broken file is reported under."""
     sig = file_signature(path)
     hit = _tensor_cache.get(sig)
     if hit is not None:
@@ -101,7 +102,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         try:
             read_safetensors_header(path)
         except SafetensorsFileError as exc:
-            raise ValueError(f"lora_name: {exc}") from exc
+            raise ValueError(f"{input_name}: {exc}") from exc
     tensors = comfy.utils.load_torch_file(str(path), safe_load=True)
     for stale in [k for k in _tensor_cache if k[0] == sig[0]]:
         del _tensor_cache[stale]
