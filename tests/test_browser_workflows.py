@@ -52,12 +52,7 @@ def _screenshot_script() -> Any:
 
 @pytest.fixture(scope="module")
 def tools() -> dict[str, Any]:
-    chromium = browser.find_chromium()
-    node = browser.node_executable()
-    if chromium is None or node is None:
-        pytest.skip("needs Chromium and Node on PATH: `python3 scripts/dev.py test --legs browser` installs "
-                    f"Chromium where it can, or set {browser.CHROMIUM_ENV}")
-    return {"chromium": chromium, "node": node, "node_modules": browser.ensure_playwright_core()}
+    return browser.tools_or_skip()
 
 
 @pytest.mark.parametrize("version", FRONTENDS)

@@ -15,7 +15,7 @@ const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
 const report = { problems: [], phases: [], seen: {}, screenshots: {}, console: [], ignored: [] };
 // The frontend's own noise on a healthy page (boot error of 1.32.9, optional files, the /api/jobs
 // 404s of newer frontends), shared with the other browser checks.
-const { FRONTEND_BOOT_ERROR, OPTIONAL, JOBS_API, JOBS_API_ERROR } = require("./known_noise.cjs");
+const { watchPage: watchPageNoise } = require("./known_noise.cjs");
 const STOPPED = /^stopped at step (\d+) \(checkpoint kept\)/;
 
 let phase = "start-up";
@@ -134,31 +134,7 @@ async function main() {
 }
 
 function watchPage() {
-  page.on("pageerror", (err) => problem(`page error: ${err.message}`));
-  // The frontend asks the online node registry about every node pack; offline, those fail
-  // harmlessly. Only what comes from our own server counts.
-  const local = (url) => !url || url.startsWith(cfg.url) || url.startsWith("data:") || url.startsWith("blob:");
-  const benign = (url) => !local(url) || OPTIONAL.test(new URL(url).pathname);
-  page.on("console", (msg) => {
-    const text = msg.text();
-    const where = msg.location()?.url;
-    if (where && benign(where)) { report.ignored.push(`${where}: ${text}`); return; }
-    if (msg.type() === "error" && FRONTEND_BOOT_ERROR.test(text)) { report.ignored.push(text.split("\n")[0]); return; }
-    if (msg.type() === "error" && JOBS_API_ERROR.test(text)) { report.jobsApiErrors = (report.jobsApiErrors ?? 0) + 1; return; }
-    // The browser's own line for a failed request; the response handler below judges the request.
-    if (msg.type() === "error" && /^Failed to load resource/.test(text)) { report.ignored.push(`${where}: ${text}`); return; }
-    if (msg.type() === "error") problem(`console error: ${text}${where ? ` (${where})` : ""}`);
-    else if (msg.type() === "warning") report.console.push(`[${phase}] ${text}`);
-  });
-  page.on("response", (res) => {
-    if (res.status() === 404 && JOBS_API.test(new URL(res.url()).pathname)) return;
-    if (res.status() >= 400 && !benign(res.url())) problem(`HTTP ${res.status()} for ${new URL(res.url()).pathname}`);
-  });
-  page.on("requestfailed", (req) => {
-    // A reload aborts the requests of the page it leaves.
-    if (!benign(req.url()) && !/ERR_ABORTED/.test(req.failure()?.errorText ?? ""))
-      problem(`request failed: ${req.url()} ${req.failure()?.errorText}`);
-  });
+  watchPageNoise(page, { baseUrl: cfg.url, report, problem, phase: () => phase });
   // The pack's websocket messages as the page received them, to tell in a failure what the server sent when.
   report.events = [];
   page.on("websocket", (ws) => ws.on("framereceived", ({ payload }) => {

@@ -8,7 +8,7 @@
 
 const fs = require("fs");
 const { chromium } = require("playwright-core");
-const { FRONTEND_BOOT_ERROR, OPTIONAL, JOBS_API, JOBS_API_ERROR, FAILED_RESOURCE } = require("./known_noise.cjs");
+const { watchPage: watchPageNoise } = require("./known_noise.cjs");
 
 const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
 const report = { problems: [], workflows: {}, console: [], ignored: [], jobsApiErrors: 0, seconds: {} };
@@ -60,29 +60,7 @@ async function main() {
 }
 
 function watchPage() {
-  page.on("pageerror", (err) => problem(`page error: ${err.message}`));
-  // The frontend asks the online node registry about every node pack; offline, those fail
-  // harmlessly. Only what comes from our own server counts.
-  const local = (url) => !url || url.startsWith(cfg.url) || url.startsWith("data:") || url.startsWith("blob:");
-  const benign = (url) => !local(url) || OPTIONAL.test(new URL(url).pathname);
-  page.on("console", (msg) => {
-    const text = msg.text();
-    const where = msg.location()?.url;
-    if (where && benign(where)) { report.ignored.push(`${where}: ${text}`); return; }
-    if (msg.type() === "error" && FRONTEND_BOOT_ERROR.test(text)) { report.ignored.push(text.split("\n")[0]); return; }
-    if (msg.type() === "error" && JOBS_API_ERROR.test(text)) { report.jobsApiErrors++; return; }
-    if (msg.type() === "error" && FAILED_RESOURCE.test(text)) { report.ignored.push(`${where}: ${text}`); return; }
-    if (msg.type() === "error") problem(`console error: ${text}${where ? ` (${where})` : ""}`);
-    else if (msg.type() === "warning") report.console.push(`[${phase}] ${text}`);
-  });
-  page.on("response", (res) => {
-    if (res.status() === 404 && JOBS_API.test(new URL(res.url()).pathname)) return;
-    if (res.status() >= 400 && !benign(res.url())) problem(`HTTP ${res.status()} for ${new URL(res.url()).pathname}`);
-  });
-  page.on("requestfailed", (req) => {
-    if (!benign(req.url()) && !/ERR_ABORTED/.test(req.failure()?.errorText ?? ""))
-      problem(`request failed: ${req.url()} ${req.failure()?.errorText}`);
-  });
+  watchPageNoise(page, { baseUrl: cfg.url, report, problem, phase: () => phase });
   page.on("dialog", (dialog) => {
     problem(`browser dialog: ${dialog.type()} ${dialog.message()}`);
     dialog.dismiss().catch(() => {});

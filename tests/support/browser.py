@@ -100,6 +100,19 @@ def ensure_playwright_core() -> Path:
     return found
 
 
+def tools_or_skip() -> dict[str, object]:
+    """Chromium, Node and playwright-core for a browser test, or a pytest skip saying how to get them
+    (the browser leg makes a missing one a failure in CI)."""
+    import pytest
+
+    chromium = find_chromium()
+    node = node_executable()
+    if chromium is None or node is None:
+        pytest.skip("needs Chromium and Node on PATH: `python3 scripts/dev.py test --legs browser` installs "
+                    f"Chromium where it can, or set {CHROMIUM_ENV}")
+    return {"chromium": chromium, "node": node, "node_modules": ensure_playwright_core()}
+
+
 def frontend_root(version: str = NEW_FRONTEND_VERSION) -> Path:
     """The folder to pass to ComfyUI's ``--front-end-root`` for ``version`` (may not exist yet)."""
     return CACHE_DIR / f"frontend-{version}" / "comfyui_frontend_package" / "static"
