@@ -402,20 +402,6 @@ def render(summary: dict[str, Any], repeats: int, steps: int, size: int, identit
     return "\n".join(lines)
 
 
-def write_results(path: Path, body: str, info: dict[str, str], command: str, total_s: float) -> None:
-    section = "\n".join([
-        BEGIN, "", f"Recorded {info['date']} with `{command}` (took {total_s / 60:.1f} min).", "",
-        *(f"- {k}: {v}" for k, v in info.items() if k not in ("date", "comfyui")),
-        f"- comfyui: {info['comfyui']}", "", body, "", END])
-    text = path.read_text(encoding="utf-8")
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Comparison grid vs native prompts\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 def code_version() -> str:
     """The commit, and a hash of the grid node and the LoRA helper it calls (read-only git calls)."""
     import hashlib
@@ -496,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
                    encoding="utf-8")
     print(body)
     if args.record:
-        write_results(RESULTS_MD, body, info, command, total)
+        info["comfyui"] = info.pop("comfyui")  # listed last, after the code it ran
+        report.write_results(RESULTS_MD, body, info, command, total, markers=(BEGIN, END),
+                             heading="Comparison grid vs native prompts")
     print(f"\nwrote {raw}{' and ' + str(RESULTS_MD) if args.record else ''} ({total / 60:.1f} min)")
     return 0
 

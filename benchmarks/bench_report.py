@@ -224,15 +224,18 @@ def machine_info() -> dict[str, str]:
     }
 
 
-def write_results(path: Path, body: str, info: dict[str, str], command: str, total_s: float) -> None:
-    """Replace the generated section of ``path`` (between the markers), keeping everything else."""
+def write_results(path: Path, body: str, info: dict[str, str], command: str, total_s: float, *,
+                  markers: tuple[str, str] = (BEGIN, END), heading: str = "") -> None:
+    """Replace the generated section of ``path`` between ``markers``, keeping everything else; a file
+    without them gets the section appended (under ``heading`` when one is given)."""
+    begin, end = markers
     section = "\n".join([
-        BEGIN, "", f"Recorded {info['date']} with `{command}` (took {total_s / 60:.1f} min).", "",
-        *(f"- {k}: {v}" for k, v in info.items() if k != "date"), "", body, "", END])
+        begin, "", f"Recorded {info['date']} with `{command}` (took {total_s / 60:.1f} min).", "",
+        *(f"- {k}: {v}" for k, v in info.items() if k != "date"), "", body, "", end])
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Training benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+        text = text.rstrip("\n") + "\n\n" + (f"## {heading}\n\n" if heading else "") + section + "\n"
     path.write_text(text, encoding="utf-8")
