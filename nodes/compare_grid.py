@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import comfy.model_management
 import comfy.sample
@@ -146,20 +146,9 @@ def collect_loras(loras: tuple[TrainedLora, ...] | None, lora: TrainedLora | Non
                     "training?). Re-run the train node or list the file in lora_names."
                 )
             found.append(_Lora(path, item.name or path.name))
-    for name in (line.strip() for line in str(lora_names or "").splitlines()):
-        if not name:
-            continue
-        full = folder_paths.get_full_path("loras", name)
-        if full is None:
-            raise ValueError(
-                f"lora_names: {name!r} is not in models/loras. Write the file name as the LoRA loader's list "
-                "shows it (with sub-folder and extension), one per line, or put the file into models/loras."
-            )
-        found.append(_Lora(Path(full), name))
-    unique: dict[Path, _Lora] = {}
-    for item in found:
-        unique.setdefault(item.path.resolve(), item)
-    return list(unique.values())
+    found += [_Lora(path, name) for name, path in _named_files(lora_names, "loras", "lora_names",
+                                                                "the LoRA loader's list")]
+    return _once_each(found)
 
 
 def collect_checkpoints(checkpoint: TrainedCheckpoint | None, checkpoint_names: str) -> list[_Checkpoint]:
@@ -173,19 +162,34 @@ def collect_checkpoints(checkpoint: TrainedCheckpoint | None, checkpoint_names: 
                 "training?). Re-run the train node or list the file in checkpoint_names."
             )
         found.append(_Checkpoint(path, checkpoint.name or path.name, "checkpoint"))
-    for name in (line.strip() for line in str(checkpoint_names or "").splitlines()):
+    found += [_Checkpoint(path, name, "checkpoint_names") for name, path in _named_files(
+        checkpoint_names, "checkpoints", "checkpoint_names", "the Load Checkpoint node's list")]
+    return _once_each(found)
+
+
+def _named_files(text: str, folder: str, input_name: str, listed_by: str) -> list[tuple[str, Path]]:
+    """(name, path) of each line of ``text``: a file in models/<folder> named as ``listed_by`` shows it."""
+    found = []
+    for name in (line.strip() for line in str(text or "").splitlines()):
         if not name:
             continue
-        full = folder_paths.get_full_path("checkpoints", name)
+        full = folder_paths.get_full_path(folder, name)
         if full is None:
             raise ValueError(
-                f"checkpoint_names: {name!r} is not in models/checkpoints. Write the file name as the Load "
-                "Checkpoint node's list shows it (with sub-folder and extension), one per line, or put the file "
-                "into models/checkpoints."
+                f"{input_name}: {name!r} is not in models/{folder}. Write the file name as {listed_by} shows it "
+                f"(with sub-folder and extension), one per line, or put the file into models/{folder}."
             )
-        found.append(_Checkpoint(Path(full), name, "checkpoint_names"))
-    unique: dict[Path, _Checkpoint] = {}
-    for item in found:
+        found.append((name, Path(full)))
+    return found
+
+
+_Item = TypeVar("_Item", _Lora, _Checkpoint)
+
+
+def _once_each(items: list[_Item]) -> list[_Item]:
+    """Each file once (the first mention wins), in order."""
+    unique: dict[Path, _Item] = {}
+    for item in items:
         unique.setdefault(item.path.resolve(), item)
     return list(unique.values())
 
