@@ -518,8 +518,6 @@ class DreamBoothTrain(io.ComfyNode):
         ckpt_path = Path(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
         rel_name = sanitize_lora_name(lora_name)
         relay = UiRelay(node_id, run_name=rel_name)
-        # The file the training ends with: the LoRA, or a full fine-tune's checkpoint.
-        lora_path = result_path(rel_name, options)
         run_dir = _inside(runs_root() / rel_name, runs_root())
         _inside(loras_root() / f"{rel_name}{INTERMEDIATE_SUFFIX}", loras_root())
         settings = {
@@ -535,6 +533,8 @@ class DreamBoothTrain(io.ComfyNode):
                                      settings=settings, memory_preset=memory_preset, options=options)
         if graph.preset_status:
             relay.status(graph.preset_status, memory_preset=memory_preset)
+        # The file the training ends with (result_path): the LoRA, or a full fine-tune's checkpoint.
+        lora_path = Path(config.output_path)
 
         if lora_path.is_file():
             diffs = differences_from(lora_path, config, instance_images=dataset.fingerprint,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
+from .lora import kohya_module_name
 from .models import CLIP_L_PREFIX, UNET_PREFIX, LazySafetensors, read_state_dict, unet_config_from_ldm
 
 logger = logging.getLogger(__name__)
@@ -150,10 +151,7 @@ def extract_lora(pairs: list[tuple[str, torch.nn.Module, torch.nn.Module]], rank
             delta = module.weight.detach().float() - before
             if not torch.any(delta):
                 continue
-            path = name
-            if prefix == "lora_te" and not path.startswith("text_model."):
-                path = "text_model." + path  # transformers 5 has no text_model level; the format does
-            key = f"{prefix}_{path.replace('.', '_')}"
+            key = kohya_module_name(prefix, name)
             up, down = _low_rank(delta.reshape(delta.shape[0], -1), rank)
             if delta.ndim == 4:  # conv: down is a conv of the layer's kernel, up a 1x1 conv
                 down = down.reshape(down.shape[0], *delta.shape[1:])

@@ -91,10 +91,15 @@ def kohya_modules(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -
         parts.append(("text_encoder", "lora_te", text_encoder))
     for part, prefix, model in parts:
         for name, layer in lora_layers(model):
-            if prefix == "lora_te" and not name.startswith("text_model."):
-                name = "text_model." + name  # transformers 5 has no text_model level; the format does
-            out[f"{prefix}_{name.replace('.', '_')}"] = (part, layer)
+            out[kohya_module_name(prefix, name)] = (part, layer)
     return out
+
+
+def kohya_module_name(prefix: str, module_path: str) -> str:
+    """``lora_unet_<path with _>`` / ``lora_te_text_model_<path>`` for a module of the UNet or text encoder."""
+    if prefix == "lora_te" and not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path  # transformers 5 has no text_model level; the format does
+    return f"{prefix}_{module_path.replace('.', '_')}"
 
 
 def kohya_state_dict(unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
