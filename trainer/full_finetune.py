@@ -109,13 +109,12 @@ def checkpoint_tensors(base_file: Path, family: str, unet: torch.nn.Module, text
     return out
 
 
-def checkpoint_metadata(lora_metadata: dict[str, str], family: str, prediction_type: str) -> dict[str, str]:
+def checkpoint_metadata(lora_metadata: dict[str, str]) -> dict[str, str]:
     """The LoRA header's provenance, without the LoRA-only keys, and the architecture of a whole model."""
-    arch = "stable-diffusion-v1" if family == "sd1" else (
-        "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512")
     meta = {k: v for k, v in lora_metadata.items()
             if not k.startswith(("ss_network", "ss_text_encoder_dim", "ss_text_encoder_alpha"))}
-    meta["modelspec.architecture"] = arch
+    # lora_metadata names the base model's architecture with a "/lora" suffix.
+    meta["modelspec.architecture"] = meta["modelspec.architecture"].removesuffix("/lora")
     meta["ss_training_comment"] = meta.get("ss_training_comment", "").replace("DreamBooth-LoRA", "DreamBooth (full)")
     meta["dreambooth.training_method"] = "full"
     return meta

@@ -472,7 +472,7 @@ class TrainingRun:
             te = self.accelerator.unwrap_model(self.text_encoder) if cfg.train_text_encoder else None
             self.events.status(f"saving the fine-tuned model as {path.name}")
             dtype = lora.SAVE_DTYPES[cfg.save_precision]
-            meta = full_finetune.checkpoint_metadata(self._metadata(), self.base.family, self.base.prediction_type)
+            meta = full_finetune.checkpoint_metadata(self._metadata())
             tensors = full_finetune.checkpoint_tensors(Path(cfg.pretrained_model), self.base.family, unet, te, dtype)
             lora.write_safetensors_atomic(tensors, path, meta, overwrite=cfg.overwrite)
             del tensors
