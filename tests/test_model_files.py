@@ -118,6 +118,34 @@ def test_a_file_that_shrinks_after_its_header_was_read_is_an_error_not_zeros(goo
         lazy["b.bias"]
 
 
+def test_a_file_that_shrinks_while_open_is_an_error_not_zeros(good: Path) -> None:
+    lazy = LazySafetensors(good, load_dtype=torch.float32)
+    assert lazy["a.weight"].sum() > 0  # the file is open now, and stays open between reads
+    data = good.read_bytes()
+    good.write_bytes(data[:-200])
+    with pytest.raises(ConfigError, match="truncated while in use"):
+        lazy["b.bias"]
+    lazy.release()
+
+
+def test_load_dtype_reads_floating_point_tensors_converted_and_exact(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.safetensors"
+    half = torch.randn(70, 33).to(torch.float16)
+    small = torch.randn(5).to(torch.bfloat16)
+    save_file({"big": half, "small": small, "ids": torch.arange(7), "f32": torch.ones(3)}, str(path))
+    lazy = LazySafetensors(path, load_dtype=torch.float32)
+    for _ in range(2):  # the second pass reads through the reused scratch buffer of the first
+        assert lazy["big"].dtype == torch.float32 and torch.equal(lazy["big"], half.float())
+        assert lazy["small"].dtype == torch.float32 and torch.equal(lazy["small"], small.float())
+    assert lazy["ids"].dtype == torch.int64 and torch.equal(lazy["ids"], torch.arange(7))  # integers untouched
+    big = lazy["big"]
+    assert torch.equal(lazy["small"], small.float()) and torch.equal(big, half.float()), "no tensor shares the scratch"
+    lazy.release()
+    assert torch.equal(lazy["f32"], torch.ones(3)), "reading after release() reopens the file"
+    lazy.release()
+    assert LazySafetensors(path)["big"].dtype == torch.float16, "without load_dtype, the file's own dtype"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.5, 0.99])
 def test_the_trainer_refuses_a_half_downloaded_base_model_with_a_config_error(

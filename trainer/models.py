@@ -17,13 +17,13 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from .config import ConfigError
 from .fileio import sha256_file
-from .safetensors_file import SafetensorsFileError, read_tensor_bytes
+from .safetensors_file import SafetensorsFileError, read_tensor_into
 from .safetensors_file import read_header as read_safetensors_header
 from .tokenizer import load_tokenizer
 
@@ -78,14 +78,21 @@ _SAFETENSORS_DTYPES = {
 class LazySafetensors(Mapping[str, torch.Tensor]):
     """A .safetensors file as a read-only mapping that reads each tensor when it is asked for.
 
-    Tensors are read with plain file reads into fresh buffers rather than through a memory map:
-    converting component by component then keeps peak memory near the size of the fp32 models,
-    not the half-precision file (mapped and touched) *plus* the fp32 models. The header is checked
-    against the file's size first (``safetensors_file``): a half-downloaded checkpoint is a config
-    error naming ``setting``, never tensors read back as zeros.
+    Tensors are read with plain file reads rather than through a memory map: converting component
+    by component then keeps peak memory near the size of the fp32 models, not the half-precision
+    file (mapped and touched) *plus* the fp32 models. The header is checked against the file's size
+    first (``safetensors_file``): a half-downloaded checkpoint is a config error naming ``setting``,
+    never tensors read back as zeros.
+
+    With ``load_dtype`` every floating-point tensor comes back in that dtype. It is read into one
+    reused scratch buffer and converted straight into its final tensor, so each weight touches fresh
+    memory once: on a CPU, first-touch page faults cost more than the fp16 -> fp32 conversion itself,
+    and a half-precision copy per tensor doubled the time to load a 2 GB checkpoint. The file stays
+    open between reads until ``release()``. 4-D floating-point tensors (convolution weights) come back
+    in ``conv_memory_format`` (a layout the caller may set before reading them).
     """
 
-    def __init__(self, path: Path, setting: str = "pretrained_model") -> None:
+    def __init__(self, path: Path, setting: str = "pretrained_model", *, load_dtype: torch.dtype | None = None) -> None:
         self._setting = setting
         try:
             self._header = read_safetensors_header(path)
@@ -93,6 +100,10 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
             raise ConfigError(setting, str(exc)) from exc
         self._path = path
         self._entries = self._header.tensors
+        self._load_dtype = load_dtype
+        self._file: BinaryIO | None = None
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self.conv_memory_format = torch.contiguous_format
         for key, entry in self._entries.items():
             if entry.dtype not in _SAFETENSORS_DTYPES:
                 raise ConfigError(setting, f"{path.name}: unsupported tensor type {entry.dtype} ({key})")
@@ -100,13 +111,40 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         dtype = _SAFETENSORS_DTYPES[entry.dtype]
+        size = entry.end - entry.begin
+        convert = self._load_dtype is not None and dtype.is_floating_point and dtype != self._load_dtype
+        if not size:
+            return torch.empty(entry.shape, dtype=self._load_dtype if convert else dtype)
+        layout = self.conv_memory_format if len(entry.shape) == 4 and dtype.is_floating_point else None
+        if not convert and layout in (None, torch.contiguous_format):
+            raw = torch.empty(size, dtype=torch.uint8)  # not zero-filled: the read is its first touch
+            self._read(key, raw)
+            return raw.view(dtype).reshape(entry.shape)
+        if self._scratch.numel() < size:
+            self._scratch = torch.empty(size, dtype=torch.uint8)
+        raw = self._scratch[:size]
+        self._read(key, raw)
+        out = torch.empty(entry.shape, dtype=self._load_dtype if convert else dtype,
+                          memory_format=layout or torch.contiguous_format)
+        out.copy_(raw.view(dtype).reshape(entry.shape))
+        return out
+
+    def _read(self, key: str, into: torch.Tensor) -> None:
         try:
-            buffer = read_tensor_bytes(self._header, key)
+            if self._file is None:
+                self._file = self._path.open("rb", buffering=0)
+            read_tensor_into(self._header, key, self._file, memoryview(into.numpy()))
+        except OSError as exc:
+            raise ConfigError(self._setting, f"{self._path} cannot be read ({exc.strerror or exc})") from exc
         except SafetensorsFileError as exc:
             raise ConfigError(self._setting, str(exc)) from exc
-        if not buffer:
-            return torch.empty(entry.shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
+
+    def release(self) -> None:
+        """Close the file and free the scratch buffer (reading again reopens the file)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries
@@ -121,10 +159,12 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
         return {k: v.shape for k, v in self._entries.items()}
 
 
-def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+def read_state_dict(path: Path, *, load_dtype: torch.dtype | None = None) -> Mapping[str, torch.Tensor]:
+    """The file's tensors by name; with ``load_dtype`` a .safetensors file's floating-point tensors are read
+    in that dtype (see LazySafetensors)."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return LazySafetensors(path)
+        return LazySafetensors(path, load_dtype=load_dtype)
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -287,12 +327,23 @@ def _text_encoder_from_ldm(sd: Mapping[str, torch.Tensor], family: str) -> torch
     return model
 
 
+def _persistent_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The names state_dict() would give, without its per-tensor detach (a quarter second for a
+    meta-device SD1.5 UNet, which is all that is asked of it here: names, shapes, dtypes)."""
+    tensors = dict(module.named_parameters())
+    for prefix, sub in module.named_modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                tensors[f"{prefix}.{name}" if prefix else name] = buf
+    return tensors
+
+
 def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
     """Load converted weights, matching transformers 4.x ('text_model.' level) and 5.x (none).
 
     ``state`` is emptied as it is read, so each half-precision tensor is freed once cast.
     """
-    expected = module.state_dict()
+    expected = _persistent_tensors(module)
     fixed: dict[str, torch.Tensor] = {}
     while state:
         key, value = state.popitem()
@@ -329,20 +380,35 @@ def drop_vae_decoder(vae: torch.nn.Module) -> None:
 
 class _SingleFileSource:
     def __init__(self, path: Path) -> None:
-        self.sd = read_state_dict(path)
+        # Every component is built in fp32 (ModelSource), so tensors are read in fp32 directly.
+        self.sd = read_state_dict(path, load_dtype=torch.float32)
         shapes = self.sd.shapes() if isinstance(self.sd, LazySafetensors) else {k: tuple(v.shape) for k, v in self.sd.items()}
         self.family = detect_family(shapes)
         self.prediction = detect_prediction_type(self.sd, self.family)
+        self._release()
 
-    def unet(self) -> torch.nn.Module:
+    def _release(self) -> None:
+        """Between components: no open file or scratch buffer held while the caller trains."""
+        if isinstance(self.sd, LazySafetensors):
+            self.sd.release()
+
+    def unet(self, channels_last: bool) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
         from diffusers.loaders import single_file_utils as sfu
 
         cfg = unet_config_from_ldm(self.sd, self.family)
         with torch.device("meta"):
             unet = UNet2DConditionModel(**cfg)
-        _load_into(unet, sfu.convert_ldm_unet_checkpoint(self.sd, cfg), what="UNet")
-        return unet
+        lazy = self.sd if isinstance(self.sd, LazySafetensors) else None
+        if lazy is not None and channels_last:
+            lazy.conv_memory_format = torch.channels_last  # read straight into that layout: no second copy
+        try:
+            _load_into(unet, sfu.convert_ldm_unet_checkpoint(self.sd, cfg), what="UNet")
+        finally:
+            if lazy is not None:
+                lazy.conv_memory_format = torch.contiguous_format
+        self._release()
+        return unet.to(memory_format=torch.channels_last) if channels_last and lazy is None else unet
 
     def vae(self, decoder: bool) -> torch.nn.Module:
         from diffusers import AutoencoderKL
@@ -356,10 +422,13 @@ class _SingleFileSource:
             drop_vae_decoder(vae)
             state = {k: v for k, v in state.items() if not k.startswith(VAE_DECODER_PARTS)}
         _load_into(vae, state, what="VAE")
+        self._release()
         return vae
 
     def text_encoder(self) -> torch.nn.Module:
-        return _text_encoder_from_ldm(self.sd, self.family)
+        model = _text_encoder_from_ldm(self.sd, self.family)
+        self._release()
+        return model
 
 
 class _DiffusersFolderSource:
@@ -379,10 +448,11 @@ class _DiffusersFolderSource:
         if sched.is_file():
             self.prediction = json.loads(sched.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
 
-    def unet(self) -> torch.nn.Module:
+    def unet(self, channels_last: bool) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
 
-        return UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", local_files_only=True)
+        return unet.to(memory_format=torch.channels_last) if channels_last else unet
 
     def vae(self, decoder: bool) -> torch.nn.Module:
         from diffusers import AutoencoderKL
@@ -424,8 +494,9 @@ class ModelSource:
         module.requires_grad_(False)
         return module.eval()
 
-    def unet(self) -> torch.nn.Module:
-        return self._frozen(self._impl.unet())
+    def unet(self, *, channels_last: bool = False) -> torch.nn.Module:
+        """The UNet; ``channels_last`` stores its convolution weights in NHWC layout (Runtime.channels_last)."""
+        return self._frozen(self._impl.unet(channels_last))
 
     def vae(self, *, decoder: bool = True) -> torch.nn.Module:
         return self._frozen(self._impl.vae(decoder))

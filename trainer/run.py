@@ -176,7 +176,7 @@ class TrainingRun:
             text_encoder = None  # 123M parameters that training without samples never uses again
             free_accelerator_memory()
         self.commands.check_stop()
-        unet = source.unet().to(self.device, dtype=trained_dtype)
+        unet = source.unet(channels_last=self.runtime.channels_last).to(self.device, dtype=trained_dtype)
         self.commands.check_stop()
         needs_decoder = bool(cfg.validation_prompts) or cfg.with_prior_preservation
         vae = source.vae(decoder=needs_decoder).to(self.device)

@@ -53,6 +53,10 @@ class Runtime:
     weight_dtype: torch.dtype  # dtype of the frozen base weights
     use_xformers: bool
     grad_scaler: bool = False  # fp16 on a GPU: losses are scaled so small gradients do not flush to zero
+    # UNet weights in channels-last (NHWC) layout. On a CPU, oneDNN's convolutions run the SD1.5 UNet's
+    # forward + backward 1.5x faster in that layout at 64 px and no slower at 128-256 px (one thread,
+    # benchmarks/RESULTS.md); on CUDA it is not measured yet, so it stays off there.
+    channels_last: bool = False
     # (level, message) lines the run shows on the node and logs: why this device and precision.
     notes: tuple[tuple[str, str], ...] = ()
 
@@ -206,7 +210,8 @@ def resolve_runtime(device: str, mixed_precision: str, attention: str) -> Runtim
         notes.append(("warning", pplan.note))
     notes.append(("info", f"device {where}, precision {pplan.note}, attention {'xformers' if use_xformers else 'sdpa'}"))
     return Runtime(device=dev, mixed_precision=pplan.mixed_precision, weight_dtype=pplan.weight_dtype,
-                   use_xformers=use_xformers, grad_scaler=pplan.grad_scaler, notes=tuple(notes))
+                   use_xformers=use_xformers, grad_scaler=pplan.grad_scaler, channels_last=dev.type == "cpu",
+                   notes=tuple(notes))
 
 
 def upcast_attention(unet: torch.nn.Module, family: str) -> bool:

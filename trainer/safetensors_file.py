@@ -21,7 +21,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # Bytes per element; the names are the format's own.
 DTYPE_SIZES = {
@@ -167,17 +167,42 @@ def read_tensor_bytes(header: SafetensorsHeader, name: str) -> bytearray:
     """The raw bytes of one tensor, read exactly (a file that shrank since its header was read is an error)."""
     entry = header.tensors[name]
     buffer = bytearray(entry.end - entry.begin)
-    if not buffer:
-        return buffer
-    try:
-        with header.path.open("rb") as fh:
-            fh.seek(header.data_start + entry.begin)
-            got = fh.readinto(buffer)
-    except OSError as exc:
-        raise SafetensorsFileError(header.path, f"cannot be read ({exc.strerror or exc})",
-                                   "Check that the file is still there and readable") from exc
-    if got != len(buffer):
-        raise SafetensorsFileError(
-            header.path, f"ended while reading tensor {name!r} ({got} of {len(buffer)} bytes): it changed or "
-            "was truncated while in use", _REDOWNLOAD)
+    if buffer:
+        try:
+            with header.path.open("rb", buffering=0) as fh:
+                read_tensor_into(header, name, fh, memoryview(buffer))
+        except OSError as exc:
+            raise _unreadable(header.path, exc) from exc
     return buffer
+
+
+def read_tensor_into(header: SafetensorsHeader, name: str, fh: BinaryIO, out: memoryview) -> None:
+    """Fill ``out`` (exactly the tensor's size) with the bytes of tensor ``name`` from the open file ``fh``.
+
+    For readers that keep the file open and choose their buffers (no zero-filled copy per tensor);
+    the same errors as read_tensor_bytes.
+    """
+    entry = header.tensors[name]
+    size = entry.end - entry.begin
+    if out.nbytes != size:
+        raise ValueError(f"buffer of {out.nbytes} bytes for tensor {name!r} of {size}")
+    out = out.cast("B")
+    got = 0
+    try:
+        fh.seek(header.data_start + entry.begin)
+        while got < size:  # an unbuffered read may return fewer bytes than asked for
+            n = fh.readinto(out[got:])
+            if not n:
+                break
+            got += n
+    except OSError as exc:
+        raise _unreadable(header.path, exc) from exc
+    if got != size:
+        raise SafetensorsFileError(
+            header.path, f"ended while reading tensor {name!r} ({got} of {size} bytes): it changed or "
+            "was truncated while in use", _REDOWNLOAD)
+
+
+def _unreadable(path: Path, exc: OSError) -> SafetensorsFileError:
+    return SafetensorsFileError(path, f"cannot be read ({exc.strerror or exc})",
+                                "Check that the file is still there and readable")
