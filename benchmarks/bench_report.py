@@ -24,15 +24,36 @@ REF_DIFFUSERS_TE_MS = 835.0
 REF_DIFFUSERS_RSS = 1.7e9
 QUIET_LOAD = 0.3  # cores used by other processes above which a run counts as disturbed
 
+# In run order: each of ours next to the peer that trains the same layers.
 PEERS = {
-    "ours-unet": "ours, UNet only",
-    "ours-te": "ours, UNet + text encoder",
-    "ours-unet-warm": "ours, UNet only, warm trainer",
-    "ours-te-warm": "ours, UNet + text encoder, warm trainer",
-    "native": "ComfyUI TrainLoraNode",
-    "diffusers-unet": "diffusers loop, UNet only",
-    "diffusers-te": "diffusers loop, UNet + text encoder",
+    "ours-unet-all": "ours, every UNet layer (unet_target full)",
+    "native": "ComfyUI TrainLoraNode (every UNet layer)",
+    "ours-unet": "ours, UNet attention",
+    "diffusers-unet": "diffusers loop, UNet attention",
+    "ours-te": "ours, UNet + text-encoder attention",
+    "diffusers-te": "diffusers loop, UNet + text-encoder attention",
+    "ours-unet-warm": "ours, UNet attention, warm trainer",
+    "ours-te-warm": "ours, UNet + text-encoder attention, warm trainer",
 }
+# (ours, peer, what both train): the same-work pairs the targets compare.
+SAME_WORK = (
+    ("ours-unet-all", "native", "every UNet layer, UNet only"),
+    ("ours-unet", "diffusers-unet", "UNet attention q/k/v/out"),
+    ("ours-te", "diffusers-te", "UNet + CLIP-L attention"),
+)
+
+
+def markers(scale: str, resolution: int) -> tuple[str, str]:
+    """RESULTS.md markers of one recorded configuration (the tiny 64 px run keeps the original ones)."""
+    if (scale, resolution) == ("tiny", 64):
+        return BEGIN, END
+    return f"<!-- bench_train:{scale}-{resolution}px:begin -->", f"<!-- bench_train:{scale}-{resolution}px:end -->"
+
+
+def heading(scale: str, resolution: int) -> str:
+    model = "SD1.5-shaped random weights (860M-parameter UNet, 2.1 GB checkpoint)" if scale == "full" else \
+        "the tiny test checkpoint"
+    return f"Training, {model}, {resolution} px, CPU"
 
 
 @dataclass
@@ -86,6 +107,7 @@ def summarize(samples: list[Sample], short: int, long: int) -> dict[str, dict[st
             "first_step_all": [round(s.first_step_s, 2) for s in mine],
             "peak_rss": median([float(s.peak_rss) for s in mine]), "rss_method": mine[0].rss_method,
             "rss_increase": median([float(s.extra["rss_increase"]) for s in mine if "rss_increase" in s.extra]),
+            "model_load_s": median([float(s.extra["model_load_s"]) for s in mine if "model_load_s" in s.extra]),
             "other_load": median(loads), "other_load_max": max(loads, default=float("nan")),
             "phases": {name: median([s.phases[name] for s in mine if name in s.phases]) for name in mine[0].phases},
         }
@@ -104,18 +126,30 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("pass" if ok else "**FAIL**")
 
 
-def render(summary: dict[str, dict[str, Any]], short: int, long: int, repeats: int) -> str:
+def render(summary: dict[str, dict[str, Any]], short: int, long: int, repeats: int, *, scale: str = "tiny",
+           resolution: int = 64, in_run_only: bool = False) -> str:
+    # The recorded reference figures (FACTS) are for the tiny checkpoint at 64 px only.
+    reference = (scale, resolution) == ("tiny", 64)
+    basis = "in-run" if in_run_only else "differenced"
     lines = [
-        f"- **differenced**: (wall of the {long}-step run - wall of the {short}-step run) / {long - short}, "
-        f"median of {repeats} interleaved repeat(s), each repeat in brackets. The targets use this figure.",
+        "- **differenced**: " + ("not measured (`--in-run-only`: one run per peer and repeat, no short runs). "
+                                 if in_run_only else
+                                 f"(wall of the {long}-step run - wall of the {short}-step run) / {long - short}, "
+                                 f"median of {repeats} interleaved repeat(s), each repeat in brackets. ")
+        + f"The targets use the {basis} figure.",
         f"- **in-run**: steps {short + 1}-{long} of the {long}-step run, timed by this script from the "
-        "peer's step events (the same steps, without any load or save inside); **own**: the peer's own report.",
-        "- launch -> first step and peak RSS: median of all runs. **other load**: cores kept busy by "
-        f"processes outside the benchmark while it ran (median / max); above ~{QUIET_LOAD} the numbers are "
-        "disturbed.",
+        "peer's step events (the same steps, without any load or save inside)"
+        + (f", median of {repeats} interleaved repeat(s), each in brackets" if in_run_only else "")
+        + "; **own**: the peer's own report.",
+        "- launch -> first step and peak RSS: median of all runs; **model load**: ours, the trainer's model-load "
+        "phase (read the checkpoint, build the UNet/VAE/CLIP; a cold trainer's includes importing the "
+        "diffusers/transformers model code); native, CheckpointLoaderSimple's node time. **other load**: cores "
+        f"kept busy by processes outside the benchmark while it ran (median / max); above ~{QUIET_LOAD} the "
+        "numbers are disturbed.",
         "",
-        "| peer | ms/step differenced | ms/step in-run | own ms/step | launch -> first step | peak RSS | other load |",
-        "|---|---|---|---|---|---|---|",
+        "| peer | ms/step differenced | ms/step in-run | own ms/step | launch -> first step | model load | peak RSS "
+        "| other load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for peer, s in summary.items():
         rss = gb(s["peak_rss"])
@@ -123,48 +157,60 @@ def render(summary: dict[str, dict[str, Any]], short: int, long: int, repeats: i
             rss += f" (+{gb(s['rss_increase'])} during the prompt)"
         each = ", ".join(f"{x:.0f}" for x in s["ms_per_step_all"])
         each = f" ({each})" if each else ""
-        lines.append(f"| {PEERS[peer]} | {ms(s['ms_per_step'])}{each} | {ms(s['in_run_ms'])} "
-                     f"| {ms(s['reported_ms'])} | {s['first_step_s']:.2f} s | {rss} "
+        each_in = ", ".join(f"{x:.0f}" for x in s["in_run_all"]) if in_run_only and len(s["in_run_all"]) > 1 else ""
+        each_in = f" ({each_in})" if each_in else ""
+        load = "n/a" if _num(s["model_load_s"]) is None else f"{s['model_load_s']:.2f} s"
+        lines.append(f"| {PEERS[peer]} | {ms(s['ms_per_step'])}{each} | {ms(s['in_run_ms'])}{each_in} "
+                     f"| {ms(s['reported_ms'])} | {s['first_step_s']:.2f} s | {load} | {rss} "
                      f"| {s['other_load']:.2f} / {s['other_load_max']:.2f} |")
-    lines += ["", "| target | measured | goal | result |", "|---|---|---|---|"]
+    lines += ["", "| target (same work) | measured | goal | result |", "|---|---|---|---|"]
 
     def get(peer: str, key: str) -> float | None:
         return _num(summary.get(peer, {}).get(key))
 
-    def speed_row(ours: str, peer: str, ref: float, label: str) -> None:
-        mine, theirs = get(ours, "ms_per_step"), get(peer, "ms_per_step")
-        if mine is None or mine <= 0:
-            if ours in summary:
-                lines.append(f"| {label} | differenced ms/step not usable ({ms(mine)}) | >= {TARGET_SPEEDUP}x | n/a |")
-            return
-        measured, ok = [], None
-        if theirs is not None and theirs > 0:
-            measured.append(f"{theirs / mine:.2f}x ({mine:.0f} vs {theirs:.0f} ms)")
-            ok = theirs / mine >= TARGET_SPEEDUP
-        mine_in, theirs_in = get(ours, "in_run_ms"), get(peer, "in_run_ms")
-        if mine_in and theirs_in:
-            measured.append(f"in-run {theirs_in / mine_in:.2f}x")
-        measured.append(f"{ref / mine:.2f}x vs the recorded {ref:.0f} ms")
-        if ok is None:
-            ok = ref / mine >= TARGET_SPEEDUP
-        lines.append(f"| {label} | {'; '.join(measured)} | >= {TARGET_SPEEDUP}x | {verdict(ok)} |")
-
-    speed_row("ours-unet", "native", REF_NATIVE_MS, "ours UNet-only vs native TrainLoraNode, per step")
-    speed_row("ours-te", "diffusers-te", REF_DIFFUSERS_TE_MS, "ours UNet+TE vs diffusers loop with TE, per step")
-    for ours, peer in (("ours-unet", "diffusers-unet"), ("ours-te", "diffusers-te")):
-        mine, theirs = get(ours, "peak_rss"), get(peer, "peak_rss")
-        if mine is None:
+    references = {"native": REF_NATIVE_MS, "diffusers-te": REF_DIFFUSERS_TE_MS}
+    for ours, peer, work in SAME_WORK:
+        if ours not in summary or peer not in summary:
             continue
-        measured = gb(mine) + (f" vs {gb(theirs)} for the {PEERS[peer]}" if theirs is not None else "")
-        ok = mine <= REF_DIFFUSERS_RSS and (theirs is None or mine <= theirs)
-        goal = f"<= {gb(REF_DIFFUSERS_RSS)} (recorded diffusers script)" + (" and <= that loop" if theirs else "")
-        lines.append(f"| {PEERS[ours]}: peak RSS | {measured} | {goal} | {verdict(ok)} |")
-    for ours in ("ours-unet", "ours-te", "ours-unet-warm", "ours-te-warm"):
-        first = get(ours, "first_step_s")
-        if first is not None:
-            what = "config handed over -> first step" if ours.endswith("-warm") else "launch -> first step"
-            lines.append(f"| {PEERS[ours]}: {what} | {first:.2f} s | <= {TARGET_LAUNCH_S:.0f} s "
-                         f"| {verdict(first <= TARGET_LAUNCH_S)} |")
+        key = "in_run_ms" if in_run_only else "ms_per_step"
+        mine, theirs = get(ours, key), get(peer, key)
+        label = f"{PEERS[ours]} vs {PEERS[peer]}, per step ({work})"
+        if not mine or not theirs:
+            lines.append(f"| {label} | {basis} ms/step not usable ({ms(mine)} vs {ms(theirs)}) "
+                         f"| >= {TARGET_SPEEDUP}x | n/a |")
+            continue
+        measured = [f"{theirs / mine:.2f}x ({mine:.0f} vs {theirs:.0f} ms)"]
+        mine_in, theirs_in = get(ours, "in_run_ms"), get(peer, "in_run_ms")
+        if not in_run_only and mine_in and theirs_in:
+            measured.append(f"in-run {theirs_in / mine_in:.2f}x")
+        if reference and peer in references:
+            measured.append(f"{references[peer] / mine:.2f}x vs the recorded {references[peer]:.0f} ms")
+        lines.append(f"| {label} | {'; '.join(measured)} | >= {TARGET_SPEEDUP}x "
+                     f"| {verdict(theirs / mine >= TARGET_SPEEDUP)} |")
+    for ours, peer, work in SAME_WORK:
+        mine, theirs = get(ours, "peak_rss"), get(peer, "peak_rss")
+        if mine is None or theirs is None:
+            continue
+        ok = mine <= theirs and (not reference or peer == "native" or mine <= REF_DIFFUSERS_RSS)
+        goal = "<= the peer's" + (f" and <= {gb(REF_DIFFUSERS_RSS)} (recorded diffusers script)"
+                                  if reference and peer != "native" else "")
+        what = " (ComfyUI server process)" if peer == "native" else ""
+        lines.append(f"| peak RSS, {work}: ours vs {PEERS[peer]}{what} | {gb(mine)} vs {gb(theirs)} | {goal} "
+                     f"| {verdict(ok)} |")
+    native_load = get("native", "model_load_s")
+    for ours in ("ours-unet-warm", "ours-unet-all", "ours-unet"):
+        mine = get(ours, "model_load_s")
+        if mine is not None and native_load is not None:
+            lines.append(f"| model load: {PEERS[ours]} vs CheckpointLoaderSimple | {mine:.2f} s vs {native_load:.2f} s "
+                         f"| <= native | {verdict(mine <= native_load)} |")
+            break
+    if reference:
+        for ours in ("ours-unet", "ours-te", "ours-unet-warm", "ours-te-warm"):
+            first = get(ours, "first_step_s")
+            if first is not None:
+                what = "config handed over -> first step" if ours.endswith("-warm") else "launch -> first step"
+                lines.append(f"| {PEERS[ours]}: {what} | {first:.2f} s | <= {TARGET_LAUNCH_S:.0f} s "
+                             f"| {verdict(first <= TARGET_LAUNCH_S)} |")
     lines += ["", "Launch phases (median seconds):", ""]
     for peer, s in summary.items():
         lines.append(f"- {PEERS[peer]}: " + ", ".join(f"{k} {v:.2f}" for k, v in s["phases"].items()))

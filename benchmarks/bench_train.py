@@ -1,10 +1,16 @@
 """Training speed, start-up time and memory: the pack's trainer against its two peers.
 
-The work is the same for everyone: the tiny SD1.5 test checkpoint, the 5 DreamBench dog photos at
-64 px, batch 1, LoRA rank 4 (alpha 4), fp32, one BLAS thread per process.
+The work is the same for everyone: the tiny SD1.5 test checkpoint (``--scale full``: an SD1.5-shaped
+random checkpoint, 860M-parameter UNet, 2.1 GB), the 5 DreamBench dog photos at 64 px (``--resolution``),
+batch 1, LoRA rank 4 (alpha 4), fp32, one BLAS thread per process. Each of our runs is paired with the
+peer that trains the same layers: ``ours-unet-all`` with ``native`` (every UNet layer),
+``ours-unet`` / ``ours-te`` with ``diffusers-unet`` / ``diffusers-te`` (attention q/k/v/out).
 
 Peers, run interleaved (per repeat: every peer's short run, then every peer's long run):
-- ``ours-unet`` / ``ours-te``: ``python -m trainer --config run.json`` (UNet-only / UNet + text encoder).
+- ``ours-unet`` / ``ours-te``: ``python -m trainer --config run.json`` (UNet-only / UNet + text encoder),
+  LoRA on the attention layers as diffusers' example script does.
+- ``ours-unet-all``: UNet only with ``unet_target: full`` (LoRA on every attention, feed-forward, projection,
+  resnet conv, time-embedding and resampler layer), TrainLoraNode's work.
 - ``ours-unet-warm`` / ``ours-te-warm``: the same run given to a warm trainer (``--config -``, started
   ahead and waiting with its libraries imported, as the ComfyUI node gets one); launch -> first step is
   timed from the moment the config is handed over. Short runs only: the steps are the same as above.
@@ -18,6 +24,7 @@ time), the step events' times, launch -> first step, peak RSS, and the CPU load 
 processes meanwhile. See benchmarks/README.md.
 
     python benchmarks/bench_train.py [--repeats N] [--quick] [--only ours|native|diffusers]
+    python benchmarks/bench_train.py --scale full --resolution 256 --short 1 --long 4 --in-run-only --repeats 2
 """
 
 from __future__ import annotations
@@ -56,10 +63,9 @@ PHOTOS = REPO / "tests" / "assets" / "dreambench" / "dog"  # 5 DreamBench photos
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SUPPORT_PACKAGE = "dreambooth_test_support"
 PROMPT = "a photo of sks dog"
-RESOLUTION, RANK, ALPHA, BATCH, SEED, LEARNING_RATE = 64, 4, 4.0, 1, 0, 1e-4
-NATIVE_FOLDER = "bench_dog"  # input sub-folder LoadImageDataSetFromFolder reads
-NATIVE_CKPT = "tiny-sd15.safetensors"
-GROUPS = {"ours": ["ours-unet", "ours-te", "ours-unet-warm", "ours-te-warm"], "native": ["native"],
+RANK, ALPHA, BATCH, SEED, LEARNING_RATE = 4, 4.0, 1, 0, 1e-4
+NATIVE_CKPT = {"tiny": "tiny-sd15.safetensors", "full": "bench-sd15-full.safetensors"}
+GROUPS = {"ours": ["ours-unet", "ours-unet-all", "ours-te", "ours-unet-warm", "ours-te-warm"], "native": ["native"],
           "diffusers": ["diffusers-unet", "diffusers-te"]}
 WARM_IDLE_S = 1.0  # how long a warm trainer waits, after saying ready, before the bench hands it the run
 
@@ -209,7 +215,7 @@ def run_child(cmd: list[str], env: dict[str, str], log_path: Path, *, handover: 
 
 
 class Bench:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, scale: str, resolution: int) -> None:
         support = REPO / "tests" / "support"
         load_by_path(SUPPORT_PACKAGE, support / "__init__.py", package=True)
         self.paths = importlib.import_module(f"{SUPPORT_PACKAGE}.paths")
@@ -218,9 +224,12 @@ class Bench:
         self.protocol = importlib.import_module("dreambooth_bench_engine.protocol")
         self.launcher = importlib.import_module("dreambooth_bench_engine.launcher")
         tiny = importlib.import_module(f"{SUPPORT_PACKAGE}.tiny_models")
-        self.work = work
+        self.work, self.scale, self.resolution = work, scale, resolution
         self.comfy_root = self.comfyui.provision_comfyui()
-        self.ckpt = tiny.tiny_sd15_checkpoint(self.comfy_root)
+        build = tiny.sd15_full_checkpoint if scale == "full" else tiny.tiny_sd15_checkpoint
+        self.ckpt = build(self.comfy_root)
+        self.native_ckpt = NATIVE_CKPT[scale]
+        self.native_folder = f"bench_dog_{resolution}"  # input sub-folder LoadImageDataSetFromFolder reads
         self.env = self.paths.child_env({"MKL_NUM_THREADS": "1"})
         self.trainer_cache = work / "trainer-cache"
         self.comfy_base = work / "comfy-base"
@@ -233,13 +242,14 @@ class Bench:
         path.mkdir(parents=True)
         return path
 
-    def ours(self, steps: int, train_te: bool, repeat: int, warm: bool = False) -> Sample:
-        peer = ("ours-te" if train_te else "ours-unet") + ("-warm" if warm else "")
+    def ours(self, steps: int, train_te: bool, repeat: int, warm: bool = False, all_layers: bool = False) -> Sample:
+        peer = ("ours-te" if train_te else "ours-unet") + ("-all" if all_layers else "") + ("-warm" if warm else "")
         run = self._fresh(peer)
         config = {
             "pretrained_model": str(self.ckpt), "instance_data_dir": str(PHOTOS), "instance_prompt": PROMPT,
-            "output_dir": str(run / "out"), "resolution": RESOLUTION, "train_batch_size": BATCH,
+            "output_dir": str(run / "out"), "resolution": self.resolution, "train_batch_size": BATCH,
             "max_train_steps": steps, "rank": RANK, "alpha": ALPHA, "train_text_encoder": train_te,
+            "unet_target": "full" if all_layers else "attn",
             "learning_rate": LEARNING_RATE, "mixed_precision": "no", "device": "cpu", "seed": SEED,
             "resume": "none",
             # Shared like a user's cache: the checkpoint's SHA-256 is memoised after the first run.
@@ -258,15 +268,17 @@ class Bench:
             ready_at = next(t for t, e in res.events if e.get("type") == "ready")
             phases = {"(not counted: spawn -> ready, imports while waiting)": round(ready_at - res.events[0][0], 3),
                       **phases}
+        model_load = next((v for k, v in phases.items() if k.startswith("model load")), None)
         return Sample(peer, steps, repeat, res.wall_s, steps_at[0], res.peak_rss, res.rss_method,
                       step_times=steps_at, reported_ms=reported[-1] if reported else None,
-                      other_load=res.other_load, phases=phases)
+                      other_load=res.other_load, phases=phases,
+                      extra={} if model_load is None else {"model_load_s": model_load})
 
     def diffusers(self, steps: int, train_te: bool, repeat: int) -> Sample:
         peer = "diffusers-te" if train_te else "diffusers-unet"
         run = self._fresh(peer)
         cmd = [sys.executable, str(BENCH_DIR / "diffusers_loop.py"), "--pretrained", str(self.ckpt),
-               "--data-dir", str(PHOTOS), "--prompt", PROMPT, "--resolution", str(RESOLUTION),
+               "--data-dir", str(PHOTOS), "--prompt", PROMPT, "--resolution", str(self.resolution),
                "--steps", str(steps), "--rank", str(RANK), "--batch-size", str(BATCH),
                "--learning-rate", str(LEARNING_RATE), "--seed", str(SEED), "--output", str(run / "lora"),
                "--t0", repr(time.time())]
@@ -281,20 +293,20 @@ class Bench:
                       phases={"imports + load + LoRA set-up": loaded, "first step": steps_at[0] - loaded})
 
     def prepare_native(self) -> None:
-        folder = self.comfy_base / "input" / NATIVE_FOLDER
+        folder = self.comfy_base / "input" / self.native_folder
         folder.mkdir(parents=True, exist_ok=True)
+        size = (self.resolution, self.resolution)
         for jpg in sorted(PHOTOS.glob("*.jpg")):
             with Image.open(jpg) as im:
-                fitted = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), (RESOLUTION, RESOLUTION),
-                                      Image.Resampling.BICUBIC)
+                fitted = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), size, Image.Resampling.BICUBIC)
             fitted.save(folder / f"{jpg.stem}.png")
-        self.comfyui.ComfyServer(self.comfy_root, self.comfy_base).add_model("checkpoints", self.ckpt, NATIVE_CKPT)
+        self.comfyui.ComfyServer(self.comfy_root, self.comfy_base).add_model("checkpoints", self.ckpt,
+                                                                             self.native_ckpt)
 
-    @staticmethod
-    def native_prompt(steps: int, seed: int) -> dict[str, Any]:
+    def native_prompt(self, steps: int, seed: int) -> dict[str, Any]:
         return {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": NATIVE_CKPT}},
-            "2": {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": NATIVE_FOLDER}},
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": self.native_ckpt}},
+            "2": {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": self.native_folder}},
             "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
             "4": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
             "5": {"class_type": "TrainLoraNode", "inputs": {
@@ -322,6 +334,7 @@ class Bench:
             ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}", timeout=10)
             ws.settimeout(1.0)
             node_start: dict[str, float] = {}
+            executing: list[tuple[float, str]] = []  # (arrival, node) of every `executing` event, in order
             steps_at: list[float] = []
             try:
                 meter, server_cpu0 = LoadMeter(), cpu_of(pid)
@@ -344,6 +357,7 @@ class Bench:
                     kind = event.get("type")
                     if kind == "executing" and data.get("node") is not None:
                         node_start.setdefault(str(data["node"]), now)
+                        executing.append((now, str(data["node"])))
                     elif kind == "progress" and str(data.get("node")) == "5" and data.get("value", 0) >= 1:
                         steps_at.append(now)
                     elif kind == "execution_success":
@@ -362,10 +376,14 @@ class Bench:
         train_at = node_start.get("5", steps_at[0])
         phases = {"checkpoint load + images + VAE/CLIP encode": train_at,
                   "LoRA set-up + first step": steps_at[0] - train_at}
+        # CheckpointLoaderSimple ("1") runs until the next node starts executing.
+        after = [t for t, node in executing if t > node_start.get("1", wall) and node != "1"]
+        ckpt_load = (min(after) if after else wall) - node_start.get("1", 0.0)
         return Sample("native", steps, repeat, wall, steps_at[0], peak, "psutil 20 ms, server process",
                       step_times=steps_at, other_load=load, phases=phases,
                       extra={"server_start_s": round(server.startup_seconds or 0.0, 2),
-                             "rss_before_prompt": baseline, "rss_increase": peak - baseline})
+                             "rss_before_prompt": baseline, "rss_increase": peak - baseline,
+                             "model_load_s": round(ckpt_load, 3)})
 
 
 def our_phases(events: list[tuple[float, dict[str, Any]]]) -> dict[str, float]:
@@ -408,8 +426,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 vs 6 steps, 1 repeat, no warm-up")
     parser.add_argument("--only", choices=sorted(GROUPS), action="append",
                         help="run only this peer group (repeatable)")
+    parser.add_argument("--peers", default="", help="comma-separated peers to run (default: all of --only's groups)")
+    parser.add_argument("--scale", choices=["tiny", "full"], default="tiny",
+                        help="tiny: the test checkpoint (default); full: SD1.5-shaped random weights (2.1 GB file)")
+    parser.add_argument("--resolution", type=int, default=64, help="training resolution in px (default 64)")
     parser.add_argument("--short", type=int, default=10, help="steps of the short run (default 10)")
     parser.add_argument("--long", type=int, default=60, help="steps of the long run (default 60)")
+    parser.add_argument("--in-run-only", action="store_true",
+                        help="skip the short runs: ms/step is the in-run figure over steps short+1..long of the long "
+                             "run (for full size, where a run costs minutes)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                         help="before each run wait up to S seconds for other processes to go quiet "
                              f"(< {report.QUIET_LOAD} cores); for shared machines")
@@ -425,8 +450,15 @@ def main(argv: list[str] | None = None) -> int:
     if not PHOTOS.is_dir():
         parser.error(f"missing {PHOTOS}: the DreamBench photos are part of the repository (tests/assets)")
     wanted = {p for g in (args.only or list(GROUPS)) for p in GROUPS[g]}
+    if args.peers:
+        chosen = {p.strip() for p in args.peers.split(",") if p.strip()}
+        if chosen - set(report.PEERS):
+            parser.error(f"unknown peers {sorted(chosen - set(report.PEERS))}; known: {', '.join(report.PEERS)}")
+        wanted &= chosen
     peers = [p for p in report.PEERS if p in wanted]
-    results = args.results or (RESULTS_MD if not (args.quick or args.only) else args.work_dir / "last_results.md")
+    partial = args.quick or args.only or args.peers
+    results = args.results or (RESULTS_MD if not partial else args.work_dir / "last_results.md")
+    markers = report.markers(args.scale, args.resolution)
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
@@ -434,11 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.perf_counter()
     code_before = report.code_version()
-    bench = Bench(work)
+    bench = Bench(work, args.scale, args.resolution)
     if "native" in peers:
         bench.prepare_native()
     runners = {
         "ours-unet": lambda n, r: bench.ours(n, False, r), "ours-te": lambda n, r: bench.ours(n, True, r),
+        "ours-unet-all": lambda n, r: bench.ours(n, False, r, all_layers=True),
         "ours-unet-warm": lambda n, r: bench.ours(n, False, r, warm=True),
         "ours-te-warm": lambda n, r: bench.ours(n, True, r, warm=True),
         "native": lambda n, r: bench.native(n, r),
@@ -450,33 +483,40 @@ def main(argv: list[str] | None = None) -> int:
         log.info("warm-up run (not measured)")
         (bench.ours if peers[0].startswith("ours") else bench.diffusers)(1, False, -1)
     samples: list[Sample] = []
+    lengths = (long,) if args.in_run_only else (short, long)
     for r in range(repeats):
-        for steps in (short, long):
+        for steps in lengths:
             for peer in peers:
-                if peer.endswith("-warm") and steps != short:
-                    continue  # only its launch differs from the cold peer's
+                run_steps = steps
+                if peer.endswith("-warm"):
+                    if steps != lengths[0]:
+                        continue  # only its launch differs from the cold peer's
+                    run_steps = max(short, 1)
                 if args.wait_quiet > 0:
                     wait_for_quiet(args.wait_quiet)
-                sample = runners[peer](steps, r)
+                sample = runners[peer](run_steps, r)
                 samples.append(sample)
                 log.info("repeat %d %-15s %3d steps: wall %6.2f s, first step %5.2f s, peak RSS %s, other load %s",
-                         r + 1, peer, steps, sample.wall_s, sample.first_step_s, report.gb(sample.peak_rss),
+                         r + 1, peer, run_steps, sample.wall_s, sample.first_step_s, report.gb(sample.peak_rss),
                          sample.other_load)
     total = time.perf_counter() - started
 
     summary = report.summarize(samples, short, long)
-    body = report.render(summary, short, long, repeats)
+    body = report.render(summary, short, long, repeats, scale=args.scale, resolution=args.resolution,
+                         in_run_only=args.in_run_only)
     info = report.machine_info()
     if info["code"] != code_before:
         info["code"] += f"; WARNING: the trainer changed during the run (it started at {code_before})"
     command = shlex.join(["python", os.path.relpath(Path(__file__).resolve(), Path.cwd()), *sys.argv[1:]])
     raw = work / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    raw.write_text(json.dumps({"machine": info, "command": command, "short": short, "long": long,
+    raw.write_text(json.dumps({"machine": info, "command": command, "scale": args.scale,
+                               "resolution": args.resolution, "short": short, "long": long,
                                "summary": summary, "samples": [asdict(s) for s in samples]}, indent=1),
                    encoding="utf-8")
     print(body)
     results.parent.mkdir(parents=True, exist_ok=True)
-    report.write_results(results, body, info, command, total)
+    report.write_results(results, body, info, command, total, markers=markers,
+                         heading=report.heading(args.scale, args.resolution))
     print(f"\nwrote {results} and {raw} ({total / 60:.1f} min)")
     return 0
 

@@ -122,6 +122,33 @@ _COMFY_UNET_CONFIG: dict[str, Any] = {
     "transformer_depth_middle": 1,
 }
 
+# Full size, for the benchmarks only (never built by the tests): SD1.5's UNet and ControlNet as
+# diffusers configures them (runwayml/stable-diffusion-v1-5 unet/config.json, lllyasviel's
+# sd-controlnet-* config.json), random weights. The checkpoint is ~2.1 GB in fp16.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
+}
+SD15_CONTROLNET_CONFIG: dict[str, Any] = {
+    "in_channels": 4, "conditioning_channels": 3, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+}
+# unet_to_diffusers walks the up blocks lowest resolution first and pops transformer_depth_output
+# from the end, so the three attention-less output blocks come last here.
+_COMFY_SD15_UNET_CONFIG: dict[str, Any] = {
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1] * 9 + [0] * 3,
+    "transformer_depth_middle": 1,
+}
+
 # SD2.x-v: the tiny UNet at SD2's widths. diffusers' `attention_head_dim` is its legacy name for the
 # number of heads: 320 channels / 64 per head (SD2's num_head_channels) = 5.
 SD2_BUILDER_VERSION = "1"
@@ -174,6 +201,17 @@ def tiny_controlnet(comfyui_root: Path | None = None) -> Path:
     return _cached("tiny-controlnet", "controlnet", comfyui_root)
 
 
+def sd15_full_checkpoint(comfyui_root: Path | None = None) -> Path:
+    """Path to an SD1.5-shaped random single-file checkpoint (860M-parameter UNet, ~2.1 GB), built if
+    needed. For the benchmarks: too big and slow for the test suite."""
+    return _cached("sd15-full", "sd15-full", comfyui_root)
+
+
+def sd15_full_controlnet(comfyui_root: Path | None = None) -> Path:
+    """Path to an SD1.5-shaped random ControlNet (cldm keys, ~0.7 GB), built if needed. For the benchmarks."""
+    return _cached("controlnet-full", "controlnet-full", comfyui_root)
+
+
 def _cached(stem: str, kind: str, comfyui_root: Path | None, version: str = BUILDER_VERSION) -> Path:
     final = FIXTURES_DIR / f"{stem}-v{version}.safetensors"
     if final.is_file():
@@ -208,20 +246,20 @@ def _reinit_nonzero(module: Any) -> None:
             reset()
 
 
-def _build_sd15(out: Path) -> dict[str, Any]:
+def _build_sd15(out: Path, full: bool = False) -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    unet = UNet2DConditionModel(**(SD15_UNET_CONFIG if full else TINY_UNET_CONFIG))
     torch.manual_seed(SEED + 1)
     vae = AutoencoderKL(**SD_VAE_CONFIG)
     torch.manual_seed(SEED + 2)
     text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
 
-    sd = _ldm_unet_and_vae(unet, vae)
+    sd = _ldm_unet_and_vae(unet, vae, _COMFY_SD15_UNET_CONFIG if full else _COMFY_UNET_CONFIG)
     for k, v in text.state_dict().items():
         # transformers 5.x dropped the `text_model.` level; real SD1.5 files carry it.
         if not k.startswith("text_model."):
@@ -230,13 +268,13 @@ def _build_sd15(out: Path) -> dict[str, Any]:
     return _save(sd, out, save_file)
 
 
-def _ldm_unet_and_vae(unet: Any, vae: Any) -> dict[str, Any]:
+def _ldm_unet_and_vae(unet: Any, vae: Any, comfy_config: dict[str, Any]) -> dict[str, Any]:
     """A diffusers UNet and VAE under the LDM key names of a single-file checkpoint (ComfyUI's maps)."""
     import comfy.diffusers_convert
     import comfy.utils
 
     sd: dict[str, Any] = {}
-    key_map = comfy.utils.unet_to_diffusers(dict(_COMFY_UNET_CONFIG))
+    key_map = comfy.utils.unet_to_diffusers(dict(comfy_config))
     unet_sd = unet.state_dict()
     missing = sorted(set(unet_sd) - set(key_map))
     if missing:
@@ -268,7 +306,7 @@ def _build_sd2(out: Path) -> dict[str, Any]:
     # With projection: real SD2 files carry OpenCLIP's text_projection (unused for conditioning).
     text = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_OPEN_CLIP_TEXT_CONFIG))
 
-    sd = _ldm_unet_and_vae(unet, vae)
+    sd = _ldm_unet_and_vae(unet, vae, _COMFY_UNET_CONFIG)
     # ComfyUI's own SD2 save path (SD20.process_clip_state_dict_for_saving): HF CLIP keys under
     # `transformer.` become OpenCLIP's resblocks / fused in_proj / transposed text_projection.
     text_sd = {"transformer." + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
@@ -282,14 +320,14 @@ def _build_sd2(out: Path) -> dict[str, Any]:
     return _save(sd, out, save_file, SD2_BUILDER_VERSION)
 
 
-def _build_controlnet(out: Path) -> dict[str, Any]:
+def _build_controlnet(out: Path, full: bool = False) -> dict[str, Any]:
     import comfy.utils
     import torch
     from diffusers import ControlNetModel
     from safetensors.torch import save_file
 
     torch.manual_seed(SEED + 3)
-    net = ControlNetModel(**TINY_CONTROLNET_CONFIG)
+    net = ControlNetModel(**(SD15_CONTROLNET_CONFIG if full else TINY_CONTROLNET_CONFIG))
     # diffusers zero-initialises these so a fresh ControlNet is a no-op; a test fixture must
     # visibly change the output instead.
     torch.manual_seed(SEED + 4)
@@ -299,7 +337,7 @@ def _build_controlnet(out: Path) -> dict[str, Any]:
 
     # Same key map as ComfyUI's own diffusers-ControlNet loader (comfy/controlnet.py), which
     # cannot be called directly because it detects the config from known full-size shapes.
-    key_map = comfy.utils.unet_to_diffusers(dict(_COMFY_UNET_CONFIG))
+    key_map = comfy.utils.unet_to_diffusers(dict(_COMFY_SD15_UNET_CONFIG if full else _COMFY_UNET_CONFIG))
     key_map["controlnet_mid_block.weight"] = "middle_block_out.0.weight"
     key_map["controlnet_mid_block.bias"] = "middle_block_out.0.bias"
     net_sd = net.state_dict()
@@ -378,7 +416,9 @@ def _child_build(kind: str, out: Path, comfyui_root: Path) -> int:
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(comfyui_root))
     t0 = time.monotonic()
-    info = {"sd15": _build_sd15, "sd2": _build_sd2, "controlnet": _build_controlnet}[kind](out)
+    builders = {"sd15": _build_sd15, "sd2": _build_sd2, "controlnet": _build_controlnet,
+                "sd15-full": lambda o: _build_sd15(o, full=True), "controlnet-full": lambda o: _build_controlnet(o, full=True)}
+    info = builders[kind](out)
     info["seconds"] = round(time.monotonic() - t0, 2)
     print(json.dumps(info))
     return 0
@@ -386,7 +426,8 @@ def _child_build(kind: str, out: Path, comfyui_root: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the tiny test models and print their paths.")
-    parser.add_argument("--build", choices=["sd15", "sd2", "controlnet"], help=argparse.SUPPRESS)
+    parser.add_argument("--build", choices=["sd15", "sd2", "controlnet", "sd15-full", "controlnet-full"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--comfyui", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
