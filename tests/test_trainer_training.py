@@ -95,13 +95,30 @@ def test_class_images_are_generated_once_and_reused(tiny_checkpoint: Path, photo
               "class_generation_steps": 2, "max_train_steps": 1, "cache_dir": str(tmp_path / "cache")}
     _, first = run_events(make_config(tiny_checkpoint, photos, tmp_path / "a", **common))
     generated = [e for e in first if e["type"] == "progress" and e["phase"] == "class_images"]
-    assert [e["step"] for e in generated] == [1, 2]
+    assert [(e["step"], e["total"]) for e in generated] == [(2, 2)], "both images in one batch"
     folders = list((tmp_path / "cache" / "class_images").iterdir())
     assert len(folders) == 1 and len(list(folders[0].glob("*.png"))) == 2
     _, second = run_events(make_config(tiny_checkpoint, photos, tmp_path / "b", **common))
     assert not [e for e in second if e["type"] == "progress" and e["phase"] == "class_images"]
     _, third = run_events(make_config(tiny_checkpoint, photos, tmp_path / "c", **{**common, "num_class_images": 3}))
     assert [e["step"] for e in third if e["type"] == "progress" and e["phase"] == "class_images"] == [1]
+
+
+def test_a_batch_of_class_images_is_each_seed_s_own_image(tiny_checkpoint: Path) -> None:
+    """Image i is seed + i whether it was made in a batch or alone: a cache grown later (more class
+    images, another batch boundary) holds the same images a single run would have made."""
+    from comfyui_dreambooth_lora.trainer import models, sampling
+
+    base = models.load_base_model(str(tiny_checkpoint))
+    pipe = sampling.build_pipeline(base, base.unet, base.text_encoder, torch.device("cpu"))
+    settings = {"negative_prompt": "", "steps": 2, "guidance": 7.5, "size": 64, "autocast_dtype": None}
+    batch = sampling.generate_batch(pipe, "a photo of dog", seeds=[11, 12, 13], **settings)
+    alone = [sampling.generate(pipe, "a photo of dog", seed=s, **settings) for s in (11, 12, 13)]
+    import numpy as np
+
+    diffs = [int(np.abs(np.asarray(b, np.int16) - np.asarray(a, np.int16)).max()) for b, a in zip(batch, alone, strict=True)]
+    assert max(diffs) <= 2, f"batched images differ from the single-seed ones by {diffs} levels"
+    assert np.abs(np.asarray(alone[0], np.int16) - np.asarray(alone[1], np.int16)).max() > 20, "seeds differ"
 
 
 # --- reproducibility and resume --------------------------------------------------------------------

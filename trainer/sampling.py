@@ -64,16 +64,27 @@ def inference_state(*models: torch.nn.Module | None) -> Iterator[None]:
             torch.mps.set_rng_state(mps_state)
 
 
-@torch.no_grad()
 def generate(pipe: Any, prompt: str, *, negative_prompt: str, seed: int, steps: int, guidance: float,
              size: int, autocast_dtype: torch.dtype | None,
              should_stop: Callable[[], bool] | None = None) -> Image.Image:
     """One image with seed ``seed``. ``should_stop`` is asked after every denoising step; when it
     says yes, StopRequested leaves the sampler at once (a 50-step image takes minutes on a CPU)."""
+    return generate_batch(pipe, prompt, negative_prompt=negative_prompt, seeds=[seed], steps=steps,
+                          guidance=guidance, size=size, autocast_dtype=autocast_dtype, should_stop=should_stop)[0]
+
+
+@torch.no_grad()
+def generate_batch(pipe: Any, prompt: str, *, negative_prompt: str, seeds: list[int], steps: int, guidance: float,
+                   size: int, autocast_dtype: torch.dtype | None,
+                   should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
+    """One image per seed, denoised as one batch: each image's starting noise comes from its own
+    generator, so image ``k`` is the image ``seeds[k]`` gives alone (up to the last bits of batched
+    arithmetic), and the prompts are encoded once for the batch."""
     device = pipe.device
     # MPS generators are newer and not reproducible across torch versions; diffusers draws the
     # initial noise on the generator's device and moves it, so a CPU generator works for MPS.
-    generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
+    generators = [torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
+                  for seed in seeds]
     enabled = autocast_dtype is not None and device.type == "cuda"
     extra: dict[str, Any] = {}
     if should_stop is not None:
@@ -87,9 +98,10 @@ def generate(pipe: Any, prompt: str, *, negative_prompt: str, seed: int, steps: 
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if enabled else contextlib.nullcontext()
     with autocast:
         result = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                      guidance_scale=guidance, generator=generator, height=size, width=size, output_type="pil",
+                      guidance_scale=guidance, generator=generators if len(generators) > 1 else generators[0],
+                      num_images_per_prompt=len(generators), height=size, width=size, output_type="pil",
                       **extra)
-    return result.images[0]
+    return list(result.images)
 
 
 def class_cache_folder(cache_dir: Path, *, model_sha256: str, prompt: str, negative_prompt: str,
@@ -103,15 +115,23 @@ def class_cache_folder(cache_dir: Path, *, model_sha256: str, prompt: str, negat
     return cache_dir / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
+# Class images generated per batch: the diffusers DreamBooth example's sample_batch_size. Batching saves
+# ~10% per image on a CPU (one prompt encoding, larger GEMMs) and more on a GPU; SD1.5 at 512 px with
+# classifier-free guidance runs 8 latents per UNet call, well within an 8 GB card in half precision.
+CLASS_IMAGE_BATCH = 4
+
+
 def ensure_class_images(folder: Path, count: int, make_pipe: Callable[[], Any], *, prompt: str,
                         negative_prompt: str, seed: int, steps: int, guidance: float, size: int,
                         autocast_dtype: torch.dtype | None,
                         on_progress: Callable[[int, int], None],
-                        should_stop: Callable[[], bool] | None = None) -> list[Path]:
+                        should_stop: Callable[[], bool] | None = None,
+                        batch_size: int = CLASS_IMAGE_BATCH) -> list[Path]:
     """Generate whichever of images 0..count-1 are missing from ``folder`` and return all paths.
 
-    A stop (``should_stop``) raises StopRequested within one denoising step; the images finished so
-    far stay in the cache for the next run.
+    Image ``i`` is made with seed ``seed + i``, ``batch_size`` images per sampler run. A stop
+    (``should_stop``) raises StopRequested within one denoising step; the batches finished so far
+    stay in the cache for the next run.
     """
     Path(long_path(folder)).mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{i:05d}.png" for i in range(count)]
@@ -122,12 +142,14 @@ def ensure_class_images(folder: Path, count: int, make_pipe: Callable[[], Any], 
             "utf-8")
         pipe = make_pipe()
         with inference_state(pipe.unet, pipe.text_encoder, pipe.vae):
-            for done, i in enumerate(missing, start=1):
-                image = generate(pipe, prompt, negative_prompt=negative_prompt, seed=seed + i, steps=steps,
-                                 guidance=guidance, size=size, autocast_dtype=autocast_dtype,
-                                 should_stop=should_stop)
-                tmp = paths[i].with_suffix(".tmp.png")
-                image.save(long_path(tmp))
-                os.replace(long_path(tmp), long_path(paths[i]))  # a killed run never leaves half an image
-                on_progress(done, len(missing))
+            for start in range(0, len(missing), batch_size):
+                batch = missing[start:start + batch_size]
+                images = generate_batch(pipe, prompt, negative_prompt=negative_prompt, seeds=[seed + i for i in batch],
+                                        steps=steps, guidance=guidance, size=size, autocast_dtype=autocast_dtype,
+                                        should_stop=should_stop)
+                for i, image in zip(batch, images, strict=True):
+                    tmp = paths[i].with_suffix(".tmp.png")
+                    image.save(long_path(tmp))
+                    os.replace(long_path(tmp), long_path(paths[i]))  # a killed run never leaves half an image
+                on_progress(start + len(batch), len(missing))
     return paths
