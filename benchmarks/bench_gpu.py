@@ -7,9 +7,12 @@ repository. Each mode runs ``python -m trainer`` once; what is read from its eve
 
 - **ms/step**: in-run, from the arrival of the step events after the first few (warm-up) steps;
 - **launch -> first step**: process start to the first step event;
-- **VRAM**: the trainer's own report of torch's allocator peak (``vram_peak_gb``, and reserved).
+- **VRAM**: the trainer's own report of torch's allocator peak (``vram_peak_gb``, and reserved);
+- **samples/s** and **achieved TFLOP/s**: batch x it/s, and that times the work of one sample: 1,714 GFLOP for
+  LoRA forward + backward of the SD1.5 UNet at 512 px (forward 803 GFLOP, backward to the activations about
+  as much again), scaled with the pixel count at other resolutions; the text encoder's share is left out.
 
-    python benchmarks/bench_gpu.py                     # 4 modes x 30 steps at 512 px on the GPU
+    python benchmarks/bench_gpu.py                     # 4 modes x 30 steps at 512 px, batch 1, 4 and 8
     python benchmarks/bench_gpu.py --record            # ... and update the GPU section of RESULTS.md
     python benchmarks/bench_gpu.py --scale tiny --resolution 64 --steps 4 --device cpu   # self-check
 """
@@ -38,14 +41,7 @@ BEGIN, END = "<!-- bench_gpu:begin -->", "<!-- bench_gpu:end -->"
 WARMUP_STEPS = 5  # steps left out of ms/step: cudnn autotuning, allocator growth
 log = logging.getLogger("bench_gpu")
 
-# SD1.5's UNet as diffusers configures it (runwayml/stable-diffusion-v1-5, unet/config.json).
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
-}
+GFLOP_PER_SAMPLE_512 = 1714.0  # SD1.5 UNet LoRA forward + backward at 512 px (see the module docstring)
 MODES = {  # id: (what it trains, train_text_encoder, gradient_checkpointing)
     "unet": ("UNet LoRA", False, False),
     "unet-gc": ("UNet LoRA, gradient checkpointing", False, True),
@@ -71,7 +67,7 @@ def build_model(folder: Path, scale: str) -> Path:
     tiny = importlib.import_module("dreambooth_test_support.tiny_models")
     started = time.perf_counter()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(SD15_UNET_CONFIG if scale == "full" else tiny.TINY_UNET_CONFIG))
+    unet = UNet2DConditionModel(**(tiny.SD15_UNET_CONFIG if scale == "full" else tiny.TINY_UNET_CONFIG))
     unet.to(torch.float16).save_pretrained(folder / "unet")
     del unet
     torch.manual_seed(1)
@@ -87,12 +83,12 @@ def build_model(folder: Path, scale: str) -> Path:
     return folder
 
 
-def run_mode(name: str, model: Path, photos: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_mode(name: str, batch: int, model: Path, photos: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     _, train_te, checkpointing = MODES[name]
-    run = work / name
+    run = work / f"{name}-b{batch}"
     config = {
         "pretrained_model": str(model), "instance_data_dir": str(photos), "instance_prompt": "a photo of qzx toy",
-        "output_dir": str(run / "out"), "resolution": args.resolution, "train_batch_size": 1,
+        "output_dir": str(run / "out"), "resolution": args.resolution, "train_batch_size": batch,
         "max_train_steps": args.steps, "rank": 16, "alpha": 16, "train_text_encoder": train_te,
         "gradient_checkpointing": checkpointing, "mixed_precision": "auto", "device": args.device,
         "seed": 0, "resume": "none", "checkpointing_steps": 0, "cache_dir": str(work / "cache"),
@@ -125,7 +121,10 @@ def run_mode(name: str, model: Path, photos: Path, work: Path, args: argparse.Na
     # The runtime's choice ("device cuda:0, mixed precision bf16, attention sdpa") is in the log.
     log_lines = (run / "trainer.log").read_text(encoding="utf-8", errors="replace").splitlines()
     chosen = next((line.split(": ", 1)[-1] for line in log_lines if "mixed precision" in line), None)
-    return {"mode": name, "what": MODES[name][0], "ms_per_step": round(ms, 1), "it_per_s": round(1000 / ms, 2),
+    samples_per_s = batch * 1000 / ms
+    tflops = samples_per_s * GFLOP_PER_SAMPLE_512 * (args.resolution / 512) ** 2 / 1000
+    return {"mode": name, "what": MODES[name][0], "batch": batch, "ms_per_step": round(ms, 1),
+            "it_per_s": round(1000 / ms, 2), "samples_per_s": round(samples_per_s, 2), "tflops": round(tflops, 1),
             "launch_to_first_step_s": round(steps[1], 2), "vram_peak_gb": metrics[-1].get("vram_peak_gb"),
             "vram_reserved_peak_gb": metrics[-1].get("vram_reserved_peak_gb"),
             "precision": chosen}
@@ -156,15 +155,30 @@ def render(results: list[dict[str, Any]], info: dict[str, str], args: argparse.N
         f"(commit {info['commit']}; torch {info['torch']}, diffusers {info['diffusers']}, "
         f"transformers {info['transformers']}, peft {info['peft']}).",
         "",
-        f"SD1.5-shaped random weights ({args.scale}), {args.resolution} px, batch 1, LoRA rank 16, "
-        f"mixed precision auto, {args.steps} steps; ms/step over steps {warmup_steps(args.steps) + 1}-{args.steps}.",
+        f"SD1.5-shaped random weights ({args.scale}), {args.resolution} px, LoRA rank 16, "
+        f"mixed precision auto, {args.steps} steps; ms/step over steps {warmup_steps(args.steps) + 1}-{args.steps}; "
+        f"TFLOP/s counts {GFLOP_PER_SAMPLE_512:.0f} GFLOP per sample at 512 px (UNet LoRA forward + backward).",
         "",
-        "| mode | ms/step | it/s | launch -> first step | VRAM peak (allocated / reserved) | precision |",
-        "|---|---|---|---|---|---|",
+        "| mode | batch | ms/step | it/s | samples/s | TFLOP/s | launch -> first step | VRAM peak (allocated / reserved) "
+        "| precision |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['what']} | {r['ms_per_step']:.0f} | {r['it_per_s']:.2f} | {r['launch_to_first_step_s']:.1f} s "
+        lines.append(f"| {r['what']} | {r['batch']} | {r['ms_per_step']:.0f} | {r['it_per_s']:.2f} | {r['samples_per_s']:.2f} "
+                     f"| {r['tflops']:.1f} | {r['launch_to_first_step_s']:.1f} s "
                      f"| {gb(r['vram_peak_gb'])} / {gb(r['vram_reserved_peak_gb'])} | {r['precision'] or 'n/a'} |")
+    te_b1 = [r for r in results if r["mode"] in ("te", "te-gc") and r["batch"] == 1 and r["vram_peak_gb"] is not None]
+    if te_b1 and args.resolution == 512 and args.scale == "full":
+        best = min(r["vram_peak_gb"] for r in te_b1)
+        lines += ["", f"- Goal: peak VRAM <= 8 GB for LoRA + text encoder at 512 px, batch 1: {best:.2f} GB - "
+                  f"{'pass' if best <= 8 else '**FAIL**'}."]
+    if args.peak_tflops:
+        top = max((r for r in results if r["batch"] == 8), key=lambda r: r["tflops"], default=None)
+        if top is not None:
+            share = top["tflops"] / args.peak_tflops
+            lines.append(f"- Goal: >= 40% of the card's dense bf16 peak ({args.peak_tflops:.0f} TFLOP/s) at batch 8: "
+                         f"{top['tflops']:.1f} TFLOP/s = {share:.0%} ({top['what']}) - "
+                         f"{'pass' if share >= 0.4 else '**FAIL**'}.")
     return "\n".join(lines)
 
 
@@ -185,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a self-check")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ",".join(MODES))
+    parser.add_argument("--batch-sizes", default="1,4,8", help="comma-separated train_batch_size values (default 1,4,8)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the card's dense bf16 peak in TFLOP/s (e.g. 989 for an H100 SXM) for the utilisation goal")
     parser.add_argument("--work-dir", type=Path, default=BENCH_DIR / "out" / "gpu", help="scratch folder (git-ignored)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--record", action="store_true", help=f"update the GPU section of {RESULTS_MD.name}")
@@ -194,15 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown or args.steps < 2:
         parser.error(f"unknown modes {unknown}" if unknown else "--steps must be at least 2")
+    batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if not batches or min(batches) < 1:
+        parser.error("--batch-sizes needs positive integers")
     work = args.work_dir.resolve()
     model = build_model(work / f"sd15-random-{args.scale}", args.scale)
     subject = load_by_path("dreambooth_scripts_sample_subject", REPO / "scripts" / "sample_subject.py")
     photos = work / "photos"
-    subject.write_sample_subject(photos, count=5, size=max(args.resolution, 256))
+    subject.write_sample_subject(photos, count=max(5, max(batches)), size=max(args.resolution, 256))
     results = []
-    for name in modes:
-        results.append(run_mode(name, model, photos, work, args))
-        log.info("%s", json.dumps(results[-1]))
+    for batch in batches:
+        for name in modes:
+            results.append(run_mode(name, batch, model, photos, work, args))
+            log.info("%s", json.dumps(results[-1]))
     body = render(results, machine(), args)
     print(body)
     if args.json:
