@@ -101,6 +101,8 @@ def checkpoint_tensors(base_file: Path, family: str, unet: torch.nn.Module, text
         if value is None:
             value = state[key]
         out[key] = (value.detach().to("cpu", dtype) if value.is_floating_point() else value.detach().cpu()).contiguous()
+    if isinstance(state, LazySafetensors):
+        state.release()  # the base file stays open between reads: not while the export is written
     if dropped:
         logger.info("left out %d EMA tensors of the base model (they hold the weights before training)", dropped)
     missing = sorted(set(trained) - set(out))
