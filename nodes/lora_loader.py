@@ -10,6 +10,7 @@ made for and how to fix it.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import re
@@ -64,7 +65,9 @@ class _ReadTracker(dict):
     """A LoRA state dict that remembers which keys core's loader actually read.
 
     `comfy.lora.load_lora` reports unused keys only as log lines; whatever it read is what it
-    loaded, so the complement is the set of keys that would silently do nothing.
+    loaded, so the complement is the set of keys that would silently do nothing. The overrides
+    cost a Python call per look-up, which is cheap only because `_entries_for` keeps the
+    look-ups to the LoRA's own modules.
     """
 
     def __init__(self, data: Mapping[str, torch.Tensor]) -> None:
@@ -80,6 +83,26 @@ class _ReadTracker(dict):
         if key in self:
             return self[key]
         return default
+
+
+def _entries_for(key_map: Mapping[str, Any], lora_keys: Iterable[str]) -> dict[str, Any]:
+    """The key-map entries that some LoRA key starts with, in key-map order.
+
+    Core's loader tries every entry of the key map (about 3,000 for SD1.x, mostly aliases of the
+    same weights) under a dozen or more names each, all of them the entry plus a suffix. An entry
+    that no LoRA key starts with can match nothing, so leaving it out changes no patch and no
+    read key; it only saves ~15,000 look-ups per application. Order is kept because where two
+    aliases of one weight both match, the later one wins, as in core.
+    """
+    keys = sorted(lora_keys)
+    n = len(keys)
+    out = {}
+    for entry, target in key_map.items():
+        # Keys that start with `entry` sort right at or after it, so the first key >= entry tells.
+        i = bisect.bisect_left(keys, entry)
+        if i < n and keys[i].startswith(entry):
+            out[entry] = target
+    return out
 
 
 def file_signature(path: Path) -> tuple[str, int, int]:
@@ -169,14 +192,16 @@ def _unread_format(unused: Iterable[str]) -> bool:
 
 def _expected_shape(patch: Any) -> tuple[tuple[int, ...], str] | None:
     """(out, flattened in) that a patch needs of its target weight, or None where it cannot tell."""
+    # Sizes come from .shape, not from flatten()/indexing: those make a tensor view each, and this
+    # runs for every patched layer on every application.
     if isinstance(patch, comfy.weight_adapter.LoRAAdapter):
         up, down, _alpha, mid, _dora, reshape = patch.weights
         if reshape is not None:
             return None  # the adapter pads the target to this shape itself
-        rank_up, rank_down = up.flatten(1).shape[1], down.shape[0]
+        rank_up, rank_down = math.prod(up.shape[1:]), down.shape[0]
         if rank_up != rank_down:
             return (-1, -1), f"inconsistent rank: up {tuple(up.shape)} vs down {tuple(down.shape)}"
-        fan_in = down[0].numel() if mid is None else down.shape[1] * math.prod(mid.shape[2:])
+        fan_in = math.prod(down.shape[1:]) if mid is None else down.shape[1] * math.prod(mid.shape[2:])
         return (int(up.shape[0]), int(fan_in)), f"{up.shape[0]}x{fan_in}"
     if isinstance(patch, tuple) and len(patch) == 2 and patch[0] in ("diff", "set"):
         tensor = patch[1][0]
@@ -184,32 +209,62 @@ def _expected_shape(patch: Any) -> tuple[tuple[int, ...], str] | None:
     return None  # LoHa/LoKr/OFT/...: rare for SD1.x LoRAs; core reports those at patch time
 
 
+def _weight_shapes(root: torch.nn.Module, targets: Iterable[str]) -> dict[str, torch.Size]:
+    """Shapes of the weights of `root` named by `targets`, the names of its state dict; names not in
+    it are left out.
+
+    Looked up one by one: state_dict() walks all ~1,100 tensors of an SD1.x UNet to find the ~130
+    a LoRA patches. A name that is not a registered parameter (a buffer, or no such layer) is
+    settled by the state dict itself, the reference core's add_patches uses, built at most once.
+    """
+    shapes: dict[str, torch.Size] = {}
+    state: dict[str, torch.Tensor] | None = None
+    for target in targets:
+        try:
+            shapes[target] = root.get_parameter(target).shape
+        except AttributeError:
+            if state is None:
+                state = root.state_dict()
+            if target in state:
+                shapes[target] = state[target].shape
+    return shapes
+
+
 def _shape_errors(
-    patches: Mapping[Any, Any], state: Mapping[str, torch.Tensor], key_map: Mapping[str, Any], present: set[str]
+    patches: Mapping[Any, Any], root: torch.nn.Module, key_map: Mapping[str, Any], lora_keys: Iterable[str]
 ) -> list[str]:
-    # Name each problem after the LoRA's own key: that is what the user can look up in the file.
-    lora_name_of = {target: x for x, target in key_map.items() if x in present and isinstance(target, str)}
-    errors = []
+    # (key, offset) targets patch a slice; only Flux uses them.
+    shapes = _weight_shapes(root, [target for target in patches if isinstance(target, str)])
+    problems: list[tuple[str, str | None]] = []  # (target, mismatch text; None: no such weight)
     for target, patch in patches.items():
         if not isinstance(target, str):
-            continue  # (key, offset) targets patch a slice; only Flux uses them
-        weight = state.get(target)
-        if weight is None:
-            errors.append(f"{target}: no such weight in the model")
+            continue
+        have = shapes.get(target)
+        if have is None:
+            problems.append((target, None))
             continue
         expected = _expected_shape(patch)
         if expected is None:
             continue
         shape, text = expected
         if isinstance(patch, tuple):
-            ok = shape == tuple(weight.shape)
-            have = "x".join(str(s) for s in weight.shape)
+            ok = shape == tuple(have)
+            have_text = "x".join(str(s) for s in have)
         else:
-            ok = shape[0] == weight.shape[0] and shape[1] == weight[0].numel()
-            have = f"{weight.shape[0]}x{weight[0].numel()}"
+            fan_in = math.prod(have[1:])
+            ok = shape[0] == have[0] and shape[1] == fan_in
+            have_text = f"{have[0]}x{fan_in}"
         if not ok:
-            errors.append(f"{lora_name_of.get(target, target)}: the LoRA gives {text}, the model's layer is {have}")
-    return errors
+            problems.append((target, f"the LoRA gives {text}, the model's layer is {have_text}"))
+    if not problems:
+        return []
+    # Name each mismatch after the LoRA's own key: that is what the user can look up in the file.
+    present = _modules(lora_keys)
+    lora_name_of = {target: x for x, target in key_map.items() if x in present and isinstance(target, str)}
+    return [
+        f"{target}: no such weight in the model" if text is None else f"{lora_name_of.get(target, target)}: {text}"
+        for target, text in problems
+    ]
 
 
 def _spread(items: list[str], n: int = _EXAMPLES) -> list[str]:
@@ -290,15 +345,14 @@ def apply_lora(
         )
     converted = comfy.lora_convert.convert_lora(dict(lora))
     # Fresh dicts on purpose: both key-map functions have a shared mutable default argument.
-    unet_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    unet_map = _entries_for(comfy.lora.model_lora_keys_unet(model.model, {}), converted)
+    clip_map = _entries_for(comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), converted)
     unet_reader, clip_reader = _ReadTracker(converted), _ReadTracker(converted)
     unet_patches = comfy.lora.load_lora(unet_reader, unet_map, log_missing=False)
     clip_patches = comfy.lora.load_lora(clip_reader, clip_map, log_missing=False)
     unused = set(converted) - unet_reader.read - clip_reader.read
-    present = _modules(converted)
-    shape_errors = _shape_errors(unet_patches, model.model.state_dict(), unet_map, present)
-    shape_errors += _shape_errors(clip_patches, clip.patcher.model.state_dict(), clip_map, present)
+    shape_errors = _shape_errors(unet_patches, model.model, unet_map, converted)
+    shape_errors += _shape_errors(clip_patches, clip.patcher.model, clip_map, converted)
     if unused or shape_errors or not (unet_patches or clip_patches):
         raise ValueError(_mismatch_message(name, family, converted, unused, shape_errors))
 
