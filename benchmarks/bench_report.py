@@ -197,7 +197,8 @@ def render(summary: dict[str, dict[str, Any]], short: int, long: int, repeats: i
         what = " (ComfyUI server process)" if peer == "native" else ""
         lines.append(f"| peak RSS, {work}: ours vs {PEERS[peer]}{what} | {gb(mine)} vs {gb(theirs)} | {goal} "
                      f"| {verdict(ok)} |")
-    native_load = get("native", "model_load_s")
+    # The goal is the issue's: loading the 2 GB checkpoint; the tiny file's figures are in the table only.
+    native_load = get("native", "model_load_s") if scale == "full" else None
     for ours in ("ours-unet-warm", "ours-unet-all", "ours-unet"):
         mine = get(ours, "model_load_s")
         if mine is not None and native_load is not None:
