@@ -59,6 +59,23 @@ def test_tiny_checkpoint_loads_with_shapes_read_from_the_file(tiny_checkpoint: P
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
+def test_a_vae_without_decoder_has_the_same_encoder_and_reads_no_decoder_weight(tiny_checkpoint: Path) -> None:
+    source = models.ModelSource(str(tiny_checkpoint))
+    full, encoder_only = source.vae(decoder=True), source.vae(decoder=False)
+    assert not hasattr(encoder_only, "decoder") and not hasattr(encoder_only, "post_quant_conv")
+    kept = encoder_only.state_dict()
+    assert kept and all(not v.is_meta for v in kept.values()), "no placeholder left in the model"
+    reference = full.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in kept.items())
+    assert channels_last_convs(source.unet(channels_last=True)) and not channels_last_convs(source.unet())
+
+
+def channels_last_convs(unet: torch.nn.Module) -> bool:
+    convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    return bool(convs) and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                               for w in convs)
+
+
 def test_ckpt_is_read_weights_only_and_pickled_code_is_refused(tmp_path: Path) -> None:
     good = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {"model.diffusion_model.x": torch.ones(2)}}, good)

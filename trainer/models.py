@@ -378,6 +378,24 @@ def drop_vae_decoder(vae: torch.nn.Module) -> None:
             delattr(vae, name)
 
 
+class _Placeholders(Mapping[str, torch.Tensor]):
+    """``lazy`` with the tensors under ``prefixes`` given as meta tensors of their real shape (never read)."""
+
+    def __init__(self, lazy: LazySafetensors, prefixes: tuple[str, ...]) -> None:
+        self._lazy, self._prefixes, self._shapes = lazy, prefixes, lazy.shapes()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key.startswith(self._prefixes):
+            return torch.empty(self._shapes[key], device="meta")
+        return self._lazy[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._lazy)
+
+    def __len__(self) -> int:
+        return len(self._lazy)
+
+
 class _SingleFileSource:
     def __init__(self, path: Path) -> None:
         # Every component is built in fp32 (ModelSource), so tensors are read in fp32 directly.
@@ -417,7 +435,12 @@ class _SingleFileSource:
         cfg = vae_config_from_ldm(self.sd)
         with torch.device("meta"):
             vae = AutoencoderKL(**cfg)
-        state = sfu.convert_ldm_vae_checkpoint(self.sd, cfg)
+        source: Mapping[str, torch.Tensor] = self.sd
+        if not decoder and isinstance(self.sd, LazySafetensors):
+            # The converter touches every VAE key; the decoder's come back as shape-only placeholders, so
+            # ~100M weights (0.3 GB in fp32) are never read only to be dropped below.
+            source = _Placeholders(self.sd, tuple(VAE_PREFIX + part for part in VAE_DECODER_PARTS))
+        state = sfu.convert_ldm_vae_checkpoint(source, cfg)
         if not decoder:
             drop_vae_decoder(vae)
             state = {k: v for k, v in state.items() if not k.startswith(VAE_DECODER_PARTS)}
