@@ -43,7 +43,6 @@ import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,6 +61,7 @@ bench_grid = load_by_path("dreambooth_bench_grid", BENCH_DIR / "bench_grid.py")
 bench_train = bench_grid.bench_train
 report = bench_train.report
 
+MEASURED_CODE = ("nodes/lora_loader.py", "nodes/controlnet.py", "trainer")  # the two nodes and the whole trainer: hashed before and after a run
 log = logging.getLogger("bench_generate")
 
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
@@ -502,23 +502,6 @@ def render(s: dict[str, Any], repeats: int, steps: int, size: int, class_images:
     return "\n".join(lines)
 
 
-def code_version() -> str:
-    """The commit and a hash of the code measured: the two nodes and the whole trainer (read-only git calls)."""
-    files = [REPO / "nodes" / "lora_loader.py", REPO / "nodes" / "controlnet.py",
-             *sorted((REPO / "trainer").rglob("*.py"))]
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
-    watched = ["nodes/lora_loader.py", "nodes/controlnet.py", "trainer"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", *watched],
-                               cwd=REPO, capture_output=True, text=True, check=True).stdout.rstrip()
-    except (OSError, subprocess.CalledProcessError):
-        head, dirty = "unknown", ""
-    state = f"uncommitted changes in {', '.join(line[3:] for line in dirty.splitlines())}" if dirty else "as committed"
-    return f"commit {head} (nodes/lora_loader.py, nodes/controlnet.py, trainer/ {state}; sha256 {digest})"
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -550,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     info = report.machine_info()
     info["comfyui"] = "0.3.75, one server for all peers (started once, not counted)"
-    info["code"] = code_before = code_version()
+    info["code"] = code_before = report.code_version(MEASURED_CODE)
     bench = Bench(work, steps, args.size, class_images, repeats)
     bench.start()
     runs: list[Run] = []
@@ -579,8 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.server.stop()
     total = time.perf_counter() - started
-    if code_version() != code_before:
-        info["code"] += f"; WARNING: the measured code changed during the run (now {code_version()})"
+    now = report.code_version(MEASURED_CODE)
+    if report.code_changed(code_before, now):
+        info["code"] += f"; WARNING: the measured code changed during the run (now {now})"
 
     summary = summarize(runs, diffs)
     body = render(summary, repeats, steps, args.size, class_images)

@@ -56,6 +56,7 @@ bench_train = load_by_path("dreambooth_bench_train", BENCH_DIR / "bench_train.py
 report = bench_train.report
 LoadMeter, cpu_of = bench_train.LoadMeter, bench_train.cpu_of
 
+MEASURED_CODE = ("nodes/compare_grid.py", "nodes/lora_loader.py")  # the grid node and the LoRA helper it calls: hashed before and after a run
 log = logging.getLogger("bench_grid")
 
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
@@ -402,24 +403,6 @@ def render(summary: dict[str, Any], repeats: int, steps: int, size: int, identit
     return "\n".join(lines)
 
 
-def code_version() -> str:
-    """The commit, and a hash of the grid node and the LoRA helper it calls (read-only git calls)."""
-    import hashlib
-    import subprocess
-
-    files = [REPO / "nodes" / "compare_grid.py", REPO / "nodes" / "lora_loader.py"]
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", *map(str, files)],
-                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        head, dirty = "unknown", ""
-    state = "uncommitted changes" if dirty else "as committed"
-    return f"commit {head} (nodes/compare_grid.py + lora_loader.py {state}, sha256 {digest})"
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -445,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     info = report.machine_info()
     info["comfyui"] = "0.3.75, one server for all peers (started once, not counted)"
-    info["code"] = code_before = code_version()
+    info["code"] = code_before = report.code_version(MEASURED_CODE)
     bench = Bench(work, steps, args.size)
     bench.start()
     runs: list[Run] = []
@@ -469,8 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.server.stop()
     total = time.perf_counter() - started
-    if code_version() != code_before:
-        info["code"] += f"; WARNING: the grid node changed during the run (now {code_version()})"
+    now = report.code_version(MEASURED_CODE)
+    if report.code_changed(code_before, now):
+        info["code"] += f"; WARNING: the grid node changed during the run (now {now})"
 
     summary = summarize(runs)
     body = render(summary, repeats, steps, args.size, identity)

@@ -218,20 +218,30 @@ def render(summary: dict[str, dict[str, Any]], short: int, long: int, repeats: i
     return "\n".join(lines)
 
 
-def code_version() -> str:
-    """The commit and whether the trainer had uncommitted edits (read-only git calls)."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO / "trainer").rglob("*.py")):
-        digest.update(path.read_bytes())
+def code_version(watched: tuple[str, ...] = ("trainer",)) -> str:
+    """The commit and a hash of the measured code: the files and folders (their *.py) in ``watched``,
+    relative to the repository, and which of them have uncommitted edits (read-only git calls)."""
+    files: list[Path] = []
+    for name in watched:
+        path = REPO / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", "trainer"],
-                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", *watched],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout.rstrip()
     except (OSError, subprocess.CalledProcessError):
         head, dirty = "unknown", ""
-    state = "uncommitted trainer changes" if dirty else "trainer as committed"
-    return f"commit {head} ({state}; trainer/*.py sha256 {digest.hexdigest()[:12]})"
+    state = f"uncommitted changes in {', '.join(line[3:] for line in dirty.splitlines())}" if dirty else "as committed"
+    label = ", ".join(f"{name}/" if (REPO / name).is_dir() else name for name in watched)
+    return f"commit {head} ({label} {state}; sha256 {digest})"
+
+
+def code_changed(before: str, now: str) -> bool:
+    """Whether the measured files changed between two code_version() strings; the commit alone may move
+    (a results-only commit during a run)."""
+    return before.rsplit("sha256", 1)[-1] != now.rsplit("sha256", 1)[-1]
 
 
 def machine_info() -> dict[str, str]:

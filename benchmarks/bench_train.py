@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     body = report.render(summary, short, long, repeats, scale=args.scale, resolution=args.resolution,
                          in_run_only=args.in_run_only)
     info = report.machine_info()
-    if info["code"].rsplit("sha256", 1)[-1] != code_before.rsplit("sha256", 1)[-1]:  # the trainer's files, not the commit
+    if report.code_changed(code_before, info["code"]):
         info["code"] += f"; WARNING: the trainer changed during the run (it started at {code_before})"
     command = shlex.join(["python", os.path.relpath(Path(__file__).resolve(), Path.cwd()), *sys.argv[1:]])
     raw = work / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
