@@ -16,8 +16,9 @@ Test legs, in the order they run (`.ci/run` runs them all):
     comfyui-0.33    the tests that run ComfyUI itself (pytest -m comfy) against ComfyUI 0.33.0 read
                     in place from ../shared/comfyui-0.33.0 (.venv-comfyui-0.33); skipped with a
                     notice where ../shared is absent
-    transformers4   the whole suite but the browser tests, oldest supported dependency set
-                    (.venv-tf4): transformers 4.x
+    transformers4   the suite but the browser and slow end-to-end tests, oldest supported dependency
+                    set (.venv-tf4): transformers 4.x (the slow tests run whole workflows whose
+                    dependency-sensitive steps the fast tests already cover; the main leg runs them)
 Arguments other than --legs go to every pytest leg. Each leg prints a header and a result line, and
 a summary closes the run; the exit code is non-zero if any leg failed (pytest collecting no tests
 counts as a failure). Where CI is set, a leg that would skip for a missing tool fails instead.
@@ -216,7 +217,8 @@ class LegResult:
 
 def _pytest(python: Path, args: list[str], env: dict[str, str]) -> LegResult:
     step("pytest " + " ".join(args))
-    code = run([python, "-m", "pytest", *args], env)
+    # The slowest tests in every log: what to look at first when CI time grows.
+    code = run([python, "-m", "pytest", "--durations=15", *args], env)
     if code == 0:
         return LegResult("passed")
     if code == 5:
@@ -247,7 +249,10 @@ def leg_main(pytest_args: list[str]) -> LegResult:
 
 
 def leg_transformers4(pytest_args: list[str]) -> LegResult:
-    return _pytest(ensure_env(ENVS["transformers4"]), [*NOT_BROWSER, *pytest_args], child_env(force=True))
+    # CI time: the slow end-to-end tests (whole workflows, the portable-Python launch) run once, in
+    # the main leg; the fast tests already cover every step that depends on the transformers version.
+    return _pytest(ensure_env(ENVS["transformers4"]), ["-m", "not browser and not slow", *pytest_args],
+                   child_env(force=True))
 
 
 def _is_ci() -> bool:

@@ -142,7 +142,8 @@ def test_only_the_browser_leg_runs_the_browser_tests(dev: ModuleType, tmp_path: 
     monkeypatch.setattr(dev, "COMFYUI_033_DIR", comfyui)
     for name in ("main", "comfyui-0.33", "transformers4"):
         dev.LEGS[name](["-k", "lora"])
-    assert [args[args.index("-m") + 1] for args in seen] == ["not browser", "comfy and not browser", "not browser"]
+    assert [args[args.index("-m") + 1] for args in seen] == ["not browser", "comfy and not browser",
+                                                             "not browser and not slow"]
     assert all(args[-2:] == ["-k", "lora"] for args in seen), "the user's arguments come last, so their -m wins"
 
     # The expressions against the real markers: the browser tests carry `browser` and nothing else selects them.
