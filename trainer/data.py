@@ -30,11 +30,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from . import buckets as bucketing
+from .buckets import Bucket, CropGeometry
 from .fileio import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ _REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 # A folder such as "2023_holiday" also matches the kohya pattern; above this we say so.
 _SUSPICIOUS_REPEATS = 100
 _CROP_MODES = ("center", "random")
+CROP_MODES = ("center", "random", "face")  # what the config and the dataset node offer
 _SUPPORTED = ", ".join(sorted(IMAGE_EXTENSIONS))
 
 
@@ -72,10 +76,24 @@ class ImageRecord:
 @dataclass
 class PreparedImage:
     record: ImageRecord
-    pixels: torch.Tensor  # CHW float32 in [-1, 1], resolution x resolution
+    pixels: torch.Tensor  # CHW float32 in [-1, 1], the bucket's size (resolution x resolution without buckets)
     width: int  # original size, after EXIF orientation
     height: int
+    geometry: CropGeometry  # where the crop came from (SDXL's size conditioning)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bucket(self) -> Bucket:
+        """(width, height) the image trains at."""
+        return self.geometry.target_size[1], self.geometry.target_size[0]
+
+    def crop_box(self) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the crop in the original photo's pixels, rounded."""
+        rh, rw = self.geometry.resized_size()
+        top, left = self.geometry.crop_top_left
+        th, tw = self.geometry.target_size
+        sx, sy = self.width / rw, self.height / rh
+        return round(left * sx), round(top * sy), round((left + tw) * sx), round((top + th) * sy)
 
 
 # --------------------------------------------------------------------------------------------- scanning
@@ -271,11 +289,14 @@ def scan_folder(folder: Path, *, role: str = "instance", limit: int | None = Non
 
 
 def read_images(scan: FolderScan, resolution: int, *, crop: str = "center",
-                background: tuple[int, int, int] = (255, 255, 255), seed: int = 0) -> list[PreparedImage]:
+                background: tuple[int, int, int] = (255, 255, 255), seed: int = 0,
+                buckets: bool = False) -> list[PreparedImage]:
     """Decode, crop and convert every image of ``scan``. Raises one DataError naming every unusable
     file of the folder, from the scan (not an image, empty, unreadable caption) and from decoding
-    (truncated, corrupt, too large), so one run tells the user about all of them."""
-    prepared, errors = _prepare(scan.records, resolution, crop=crop, background=background, seed=seed)
+    (truncated, corrupt, too large), so one run tells the user about all of them. ``buckets``: each
+    image is cut at its aspect-ratio bucket (``buckets.bucket_sizes``) instead of the square."""
+    prepared, errors = _prepare(scan.records, resolution, crop=crop, background=background, seed=seed,
+                                buckets=buckets)
     problems = [*scan.problems, *errors]
     if problems:
         raise combine_errors(problems, scan.folder, scan.role)
@@ -430,17 +451,15 @@ def resize_and_crop(image: Image.Image, resolution: int, *, crop: str = "center"
         raise ValueError(f"crop must be one of {_CROP_MODES}, got {crop!r}")
     if crop == "random" and rng is None:
         raise ValueError("crop='random' needs rng=random.Random(seed) so the crop is reproducible")
-    width, height = image.size
-    side = min(width, height)
-    if crop == "center":
-        left, top = (width - side) / 2, (height - side) / 2
-    else:
-        assert rng is not None
-        left, top = rng.randint(0, width - side), rng.randint(0, height - side)
-    box = (left, top, left + side, top + side)
-    # reducing_gap: a box-filter pre-reduction for big downscales, then Lanczos; visually identical and
-    # several times faster on 12-megapixel phone photos.
-    return image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    return crop_image(image, bucketing.square(resolution), crop=crop, rng=rng)[0]
+
+
+def crop_image(image: Image.Image, target: Bucket, *, crop: str = "center", rng: random.Random | None = None,
+               face: tuple[int, int, int, int] | None = None) -> tuple[Image.Image, CropGeometry]:
+    """Cut ``target`` (width, height) from ``image`` at the target's aspect ('center', 'random' with
+    ``rng``, or 'face' centred on ``face``; see ``buckets.crop_box``) and say where it came from."""
+    box, geometry = bucketing.crop_box(image.width, image.height, target, crop=crop, rng=rng, face=face)
+    return bucketing.cut(image, target, box), geometry
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -465,26 +484,41 @@ def tensor_to_image(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
 
 
-def _size_warnings(path: Path, width: int, height: int, resolution: int) -> list[str]:
+def _size_warnings(path: Path, width: int, height: int, resolution: int, target: Bucket | None = None) -> list[str]:
     found = []
-    if min(width, height) < resolution:
+    if target is None or target == bucketing.square(resolution):
+        if min(width, height) < resolution:
+            found.append(
+                f"{path} is {width}x{height}, smaller than the training resolution {resolution}: it will be "
+                f"upscaled (blurry training data); use images of at least {resolution} px on the short side."
+            )
+        ratio = max(width, height) / max(1, min(width, height))
+        if ratio > 2.0:
+            found.append(
+                f"{path} is {width}x{height}: the square crop keeps only {100.0 / ratio:.0f}% of it; crop it "
+                "yourself around the subject so it is not cut off."
+            )
+        return found
+    tw, th = target
+    if width < tw or height < th:
         found.append(
-            f"{path} is {width}x{height}, smaller than the training resolution {resolution}: it will be "
-            f"upscaled (blurry training data); use images of at least {resolution} px on the short side."
+            f"{path} is {width}x{height}, smaller than its {tw}x{th} bucket: it will be upscaled (blurry "
+            f"training data); use images of at least {tw}x{th}."
         )
-    ratio = max(width, height) / max(1, min(width, height))
+    ratio = max(width * th, height * tw) / max(1, min(width * th, height * tw))
     if ratio > 2.0:
         found.append(
-            f"{path} is {width}x{height}: the square crop keeps only {100.0 / ratio:.0f}% of it; crop it "
-            "yourself around the subject so it is not cut off."
+            f"{path} is {width}x{height}: its {tw}x{th} bucket crop keeps only {100.0 / ratio:.0f}% of it; crop "
+            "it yourself around the subject so it is not cut off."
         )
     return found
 
 
 def prepare_images(records: Sequence[ImageRecord], resolution: int, *, crop: str = "center",
-                   background: tuple[int, int, int] = (255, 255, 255), seed: int = 0) -> list[PreparedImage]:
+                   background: tuple[int, int, int] = (255, 255, 255), seed: int = 0,
+                   buckets: bool = False) -> list[PreparedImage]:
     """Load, crop and convert every record. All unreadable files are reported together in one DataError."""
-    prepared, errors = _prepare(records, resolution, crop=crop, background=background, seed=seed)
+    prepared, errors = _prepare(records, resolution, crop=crop, background=background, seed=seed, buckets=buckets)
     if len(errors) == 1:
         raise errors[0]
     if errors:
@@ -493,24 +527,46 @@ def prepare_images(records: Sequence[ImageRecord], resolution: int, *, crop: str
     return prepared
 
 
+def face_detector() -> tuple[Any, str | None]:
+    """(find_face, None) when faces can be detected, else (None, why not: shown as a warning)."""
+    try:
+        from . import faces
+    except ImportError as exc:
+        return None, f"crop 'face': the face detector cannot be loaded ({exc}); every image is cropped at the center"
+    problem = faces.detector_problem()
+    if problem:
+        return None, f"crop 'face': {problem}; every image is cropped at the center"
+    return faces.find_face, None
+
+
 def _prepare(records: Sequence[ImageRecord], resolution: int, *, crop: str, background: tuple[int, int, int],
-             seed: int) -> tuple[list[PreparedImage], list[DataError]]:
+             seed: int, buckets: bool = False) -> tuple[list[PreparedImage], list[DataError]]:
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
     rng = random.Random(seed) if crop == "random" else None
+    sizes = bucketing.bucket_sizes(resolution) if buckets else [bucketing.square(resolution)]
+    find_face, face_problem = face_detector() if crop == "face" and records else (None, None)
     prepared: list[PreparedImage] = []
     errors: list[DataError] = []
-    for record in records:
+    for index, record in enumerate(records):
         try:
             image, notes = _load_image(Path(record.path), background)
         except DataError as exc:
             errors.append(exc)
             continue
         width, height = image.size
-        notes += _size_warnings(record.path, width, height, resolution)
+        target = bucketing.nearest_bucket(width, height, sizes)
+        notes += _size_warnings(record.path, width, height, resolution, target)
+        if face_problem and index == 0:
+            notes.append(face_problem)  # once: it is the same for every image
+        face = find_face(image) if find_face is not None else None
+        if find_face is not None and face is None:
+            notes.append(f"{record.path}: no face found for crop 'face'; it is cropped at the center")
         for note in notes:
             logger.warning("%s", note)
-        square = resize_and_crop(image, resolution, crop=crop, rng=rng)
-        prepared.append(PreparedImage(record=record, pixels=image_to_tensor(square),
-                                      width=width, height=height, warnings=notes))
+        cropped, geometry = crop_image(image, target, crop=crop, rng=rng, face=face)
+        prepared.append(PreparedImage(record=record, pixels=image_to_tensor(cropped), width=width, height=height,
+                                      geometry=geometry, warnings=notes))
     return prepared, errors
 
 
@@ -599,3 +655,29 @@ def dataset_fingerprint(records: Sequence[ImageRecord]) -> str:
         entries.append([content[key], record.caption, record.repeats])
     payload = json.dumps({"version": 1, "images": entries}, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- preview
+
+
+def preview_canvas(prepared: Sequence[PreparedImage], fill: float = 0.0) -> torch.Tensor:
+    """Every crop centred on one canvas as wide as the widest and as tall as the tallest, ``fill`` (neutral
+    grey: 0 in [-1, 1]) around it: (B, 3, H, W), one size for an image batch. Squares alone fill it."""
+    if not prepared:
+        raise ValueError("no images to preview")
+    width = max(p.pixels.shape[-1] for p in prepared)
+    height = max(p.pixels.shape[-2] for p in prepared)
+    canvas = torch.full((len(prepared), 3, height, width), fill, dtype=torch.float32)
+    for i, item in enumerate(prepared):
+        h, w = item.pixels.shape[-2:]
+        top, left = (height - h) // 2, (width - w) // 2
+        canvas[i, :, top:top + h, left:left + w] = item.pixels
+    return canvas
+
+
+def crop_summary(item: PreparedImage, folder: Path | None = None) -> str:
+    """'name: WxH bucket, crop box (left, top, right, bottom)' in the photo's pixels, for the user."""
+    path = Path(item.record.path)
+    name = path.relative_to(folder).as_posix() if folder is not None and path.is_relative_to(folder) else path.name
+    w, h = item.bucket
+    return f"{name}: {w}x{h} bucket, crop box {item.crop_box()} of {item.width}x{item.height}"
