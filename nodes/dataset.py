@@ -188,8 +188,9 @@ def images_to_folder(images: torch.Tensor) -> Path:
 
 
 def to_image_batch(prepared: list[data.PreparedImage]) -> torch.Tensor:
-    """CHW tensors in [-1, 1] -> ComfyUI IMAGE (B, H, W, 3) in [0, 1]."""
-    return torch.stack([(p.pixels.permute(1, 2, 0) + 1.0) / 2.0 for p in prepared]).clamp(0, 1)
+    """The crops as one ComfyUI IMAGE (B, H, W, 3) in [0, 1]: bucket crops of other sizes are centred on the
+    largest one's canvas, neutral grey around them (an IMAGE batch has one size)."""
+    return ((data.preview_canvas(prepared).permute(0, 2, 3, 1) + 1.0) / 2.0).clamp(0, 1)
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -264,11 +265,13 @@ class DreamBoothDataset(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "crop",
-                    options=["center", "random"],
+                    options=list(data.CROP_MODES),
                     default=_default("crop"),
                     tooltip=(
-                        "How the square is cut from each photo: 'center', or 'random' (a new square each "
-                        "step; slower, as the latents cannot be cached)."
+                        "How the square (or bucket) is cut from each photo: 'center'; 'random' (a new crop each "
+                        "step; slower, as the latents cannot be cached); 'face' (centred on the largest detected "
+                        "face, with the whole face and its context; photos without a face are cut at the center, "
+                        "with a warning naming them)."
                     ),
                 ),
                 io.Image.Input(
@@ -290,6 +293,9 @@ class DreamBoothDataset(io.ComfyNode):
                         f"variable {ALLOW_ANY_PATH_ENV}=1 (so a shared workflow cannot read your disk)."
                     ),
                 ),
+                # Last: saved workflows keep widget values by position.
+                io.Boolean.Input("aspect_buckets", default=_default("aspect_buckets"), optional=True,
+                                 tooltip=_help("aspect_buckets")),
             ],
             outputs=[
                 Dataset.Output("dataset", display_name="dataset", tooltip="The checked dataset, for the train node."),
@@ -297,8 +303,10 @@ class DreamBoothDataset(io.ComfyNode):
                     "preview",
                     display_name="preview",
                     tooltip=(
-                        "Exactly the squares that will be trained, at the training resolution. With crop "
-                        "'random' this shows the center crop; training cuts a different square each step."
+                        "Exactly the crops that will be trained, at their training size (with aspect_buckets "
+                        "each on a grey canvas of the largest bucket's size; the log lists each photo's bucket "
+                        "and crop box). With crop 'random' this shows the center crop; training cuts a "
+                        "different one each step."
                     ),
                 ),
             ],
@@ -334,7 +342,8 @@ class DreamBoothDataset(io.ComfyNode):
     @classmethod
     @override
     def execute(cls, folder: str, instance_prompt: str, use_captions: bool, resolution: int, crop: str,
-                images: torch.Tensor | None = None, folder_path: str = "") -> io.NodeOutput:
+                images: torch.Tensor | None = None, folder_path: str = "",
+                aspect_buckets: bool = _default("aspect_buckets")) -> io.NodeOutput:
         prompt = " ".join(instance_prompt.split())
         if not prompt:
             raise ValueError(
@@ -354,15 +363,19 @@ class DreamBoothDataset(io.ComfyNode):
         if skipped:
             logger.warning("%s", skipped)  # the trainer shows it on the train node as well
         # Every unusable photo in one error (not one per queued prompt).
-        prepared = data.read_images(found, resolution, crop="center", seed=0)
+        prepared = data.read_images(found, resolution, crop="face" if crop == "face" else "center", seed=0,
+                                    buckets=aspect_buckets)
         records = found.records
         dataset = InstanceData(folder=path, instance_prompt=prompt, use_captions=use_captions,
                                resolution=resolution, crop=crop, fingerprint=data.dataset_fingerprint(records),
-                               num_images=len(records))
+                               num_images=len(records), aspect_buckets=aspect_buckets)
         captions = sum(1 for r in records if r.caption)
         logger.info("dataset %s: %d images (%d with captions), fingerprint %s", path, len(records), captions,
                     dataset.fingerprint[:12])
-        return io.NodeOutput(dataset, to_image_batch(prepared))
+        crops = [data.crop_summary(p, path) for p in prepared]
+        if aspect_buckets or crop == "face":
+            logger.info("dataset %s crops:\n%s", path, "\n".join(crops))
+        return io.NodeOutput(dataset, to_image_batch(prepared), ui={"text": crops})
 
 
 class DreamBoothPriorPreservation(io.ComfyNode):

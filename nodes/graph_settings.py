@@ -42,7 +42,7 @@ TRAIN_INPUTS: dict[str, str] = {
 DATASET_INPUTS: dict[str, str] = {
     # folder, images and folder_path are three ways to give the one folder the trainer reads.
     "folder": "instance_data_dir", "instance_prompt": "instance_prompt", "use_captions": "use_captions",
-    "resolution": "resolution", "crop": "crop",
+    "resolution": "resolution", "crop": "crop", "aspect_buckets": "aspect_buckets",
 }
 PRIOR_INPUTS: dict[str, str] = {
     "class_prompt": "class_prompt", "num_class_images": "num_class_images",

@@ -170,7 +170,8 @@ def build_config(*, ckpt_path: Path, dataset: InstanceData, prior: PriorPreserva
     if extract_rank:
         node_filled["extracted_lora_path"] = str(loras_root() / f"{rel_name}_lora_rank{extract_rank}.safetensors")
     from_dataset = {"instance_prompt": dataset.instance_prompt, "use_captions": dataset.use_captions,
-                    "resolution": dataset.resolution, "crop": dataset.crop}
+                    "resolution": dataset.resolution, "crop": dataset.crop,
+                    "aspect_buckets": dataset.aspect_buckets}
     from_prior = None
     if prior is not None:
         from_prior = {"class_prompt": prior.class_prompt, "num_class_images": prior.num_class_images,

@@ -61,9 +61,10 @@ class InstanceData:
     instance_prompt: str
     use_captions: bool
     resolution: int
-    crop: str  # "center" | "random"
+    crop: str  # "center" | "random" | "face"
     fingerprint: str  # trainer.data.dataset_fingerprint of the folder's images and captions
     num_images: int
+    aspect_buckets: bool = False
 
 
 # The paper's class-specific prior-preservation loss, as an optional add-on to the train node.

@@ -149,7 +149,7 @@ def test_sd2_loss_target_is_the_velocity(sd2_checkpoint: Path, tmp_path: Path) -
     with torch.no_grad():
         loss, instance, _ = run.loss_for_micro_batch(0)
         # The same micro-batch by hand: latents, noise and timesteps come from seeds fixed by its index.
-        latents, prompts = run._batch(0)
+        latents, prompts, _geometry = run._batch(0)
         gen = torch.Generator().manual_seed(derived_seed(cfg.seed, 0, 0, "noise"))
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)

@@ -19,7 +19,9 @@ import torch
 from comfyui_dreambooth_lora.trainer import protocol
 from comfyui_dreambooth_lora.trainer.config import ConfigError, TrainConfig
 from comfyui_dreambooth_lora.trainer.run import TrainingRun
+from dreambooth_test_support.paths import DREAMBENCH_DIR
 from dreambooth_test_support.training import copy_dog_photos, make_config, run_events
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -367,3 +369,77 @@ def test_accelerate_two_cpu_processes_write_one_lora(tiny_checkpoint: Path, phot
     assert Path(cfg.output_path).is_file()
     assert len(list(Path(cfg.output_path).parent.glob("*.safetensors"))) == 1
     assert time.monotonic() - started < 600
+
+
+# --- aspect-ratio buckets ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mixed_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DreamBench dogs cut to landscape, portrait and square: three buckets at 64 px (72x56 twice, 48x80, 64x64)."""
+    folder = tmp_path_factory.mktemp("mixed photos")
+    boxes = {"00": (0, 32, 256, 224), "01": (48, 0, 208, 256), "02": (0, 0, 256, 256), "03": (0, 40, 256, 216)}
+    for name, box in boxes.items():
+        with Image.open(DREAMBENCH_DIR / "dog" / f"{name}.jpg") as photo:
+            photo.convert("RGB").crop(box).save(folder / f"{name}.png")
+    return folder
+
+
+def test_bucketed_batches_share_one_shape_with_class_images_in_the_same_bucket(
+    tiny_checkpoint: Path, mixed_photos: Path, tmp_path: Path
+) -> None:
+    cfg = make_config(tiny_checkpoint, mixed_photos, tmp_path / "run", aspect_buckets=True, train_batch_size=2,
+                      random_flip=True, with_prior_preservation=True, class_prompt="a photo of dog",
+                      num_class_images=2, class_generation_steps=2, max_train_steps=2)
+    run = TrainingRun(cfg, protocol.EventWriter(None), protocol.Commands())
+    run.prepare()
+    assert sorted(p.bucket for p in run.instance_prepared) == [(48, 80), (64, 64), (72, 56), (72, 56)]
+    shapes = set()
+    for micro in range(8):
+        latents, prompts, geometry = run._batch(micro)
+        assert latents.shape[0] == len(prompts) == len(geometry) == 4  # 2 instance + 2 class samples
+        h, w = latents.shape[-2:]
+        assert all(g.target_size == (8 * h, 8 * w) for g in geometry), (latents.shape, geometry)
+        assert prompts[2:] == ["a photo of dog"] * 2
+        shapes.add((h, w))
+    assert shapes == {(10, 6), (8, 8), (7, 9)}, "every bucket is trained"
+    # The latents are cached per bucket, class images in every bucket the instances use.
+    assert {key[2] for key in run.class_latents.entries} == {(48, 80), (64, 64), (72, 56)}
+    loss, _instance, prior = run.loss_for_micro_batch(0)
+    assert torch.isfinite(loss) and prior > 0
+
+
+def test_bucketed_run_resumed_mid_epoch_matches_uninterrupted_run(tiny_checkpoint: Path, mixed_photos: Path,
+                                                                  tmp_path: Path) -> None:
+    common = {"aspect_buckets": True, "random_flip": True, "lr_scheduler": "constant", "learning_rate": 1e-3}
+    straight, _ = run_events(make_config(tiny_checkpoint, mixed_photos, tmp_path / "straight", max_train_steps=4,
+                                         **common))
+    out = tmp_path / "resumed"
+    first, _ = run_events(make_config(tiny_checkpoint, mixed_photos, out, max_train_steps=2,
+                                      output_path=str(out / "part.safetensors"), **common))
+    second, events = run_events(make_config(tiny_checkpoint, mixed_photos, out, max_train_steps=4, **common))
+    assert any(e["type"] == "status" and "resumed from step_000002" in e["message"] for e in events)
+    assert any(e["type"] == "status" and e["message"].startswith("aspect buckets: ") for e in events)
+    a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    part = lora_tensors(first.lora_path)
+    assert any(not torch.allclose(part[k], a[k]) for k in a if k.endswith("lora_up.weight"))
+    # Buckets on is another training: the square run's checkpoints are not resumed.
+    _, square_events = run_events(make_config(tiny_checkpoint, mixed_photos, out, max_train_steps=4,
+                                              output_path=str(out / "square.safetensors"),
+                                              **{**common, "aspect_buckets": False}))
+    assert not any("resumed" in e.get("message", "") for e in square_events)
+
+
+def test_random_crop_in_buckets(tiny_checkpoint: Path, mixed_photos: Path, tmp_path: Path) -> None:
+    cfg = make_config(tiny_checkpoint, mixed_photos, tmp_path / "run", aspect_buckets=True, crop="random",
+                      max_train_steps=2)
+    run = TrainingRun(cfg, protocol.EventWriter(None), protocol.Commands())
+    run.prepare()
+    assert run.instance_latents is None  # a new crop every step
+    tops = set()
+    for micro in range(6):
+        latents, _prompts, (geometry,) = run._batch(micro)
+        assert geometry.target_size == (8 * latents.shape[-2], 8 * latents.shape[-1])
+        assert geometry.target_size != (64, 64) or geometry.original_size == (256, 256)
+        tops.add(geometry.crop_top_left)
+    assert len(tops) > 1

@@ -80,9 +80,19 @@ class TrainConfig:
     use_captions: bool = _help(
         "Use a per-image '<name>.txt' caption instead of the instance prompt when one exists.", default=True
     )
-    resolution: int = _help("Training resolution in pixels (square crops).", default=512, min=64)
-    crop: Literal["center", "random"] = _help(
-        "How the square is cut from each photo. 'random' disables latent caching.", default="center"
+    resolution: int = _help(
+        "Training resolution in pixels: the side of the square crops, or with aspect_buckets the pixel budget "
+        "of each bucket (about resolution x resolution).", default=512, min=64)
+    crop: Literal["center", "random", "face"] = _help(
+        "How the square (or bucket) is cut from each photo: 'center'; 'random' (a new crop each step, no latent "
+        "caching); 'face' (centred on the largest detected face, whole face plus context; photos without a "
+        "detected face are cut at the center, with a warning naming them).", default="center"
+    )
+    aspect_buckets: bool = _help(
+        "Train each photo at the aspect ratio nearest its own (kohya-style buckets: sides multiples of 64 px "
+        "between half and twice the resolution, never more pixels than resolution x resolution, e.g. 448x576 at "
+        "512) instead of a square crop, so portraits keep heads and feet. Each batch holds one bucket; "
+        "class images of prior preservation are cut to the batch's bucket.", default=False
     )
     random_flip: bool = _help("Randomly mirror images left-right (doubles the cached latents).", default=False)
     background: tuple[int, int, int] = _help(

@@ -42,6 +42,9 @@ _PRIOR_SETTINGS = ("class_prompt", "num_class_images", "prior_loss_weight", "cla
                    "class_generation_guidance", "class_negative_prompt")
 _TEXT_ENCODER_SETTINGS = ("text_encoder_rank", "text_encoder_alpha", "text_encoder_lr", "text_encoder_target")
 METHOD_SETTING = "training_method"
+# Off, the square-only training it has always been: no trace, so LoRAs and checkpoints from before the
+# setting existed still match; on, a different training (other crops, other batches).
+BUCKETS_SETTING = "aspect_buckets"
 # What shapes LoRA layers, meaningless when every weight is trained (training_method 'full').
 _LORA_SETTINGS = ("rank", "alpha", "unet_target", "lora_dropout", "text_encoder_rank", "text_encoder_alpha",
                   "text_encoder_target")
@@ -191,6 +194,8 @@ def result_settings(config: Any) -> dict[str, Any]:
     if not config.train_text_encoder:
         for key in _TEXT_ENCODER_SETTINGS:
             settings.pop(key, None)
+    if not settings.get(BUCKETS_SETTING, False):
+        settings.pop(BUCKETS_SETTING, None)
     if settings.get(METHOD_SETTING) == "lora":
         # The default method leaves no trace: LoRAs and checkpoints from before it existed still match.
         del settings[METHOD_SETTING]

@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, checkpoint, data, full_finetune, identity, lora, sampling
+from . import buckets as bucketing
 from .config import ConfigError, TrainConfig
 from .fileio import long_path
 from .models import BaseModel, ModelSource, drop_vae_decoder
@@ -45,34 +47,57 @@ class RunResult:
 class LatentCache:
     """VAE posteriors (mean, std) of images (and their mirrors, with random_flip).
 
-    With ``keep``, ``fill()`` encodes everything once, in batches, so the VAE can be freed before
-    the first step and never shares memory with training; without it (``cache_latents`` off),
-    ``get()`` encodes on demand every time.
+    With ``keep``, ``fill()`` encodes everything once, in batches of one size each (aspect buckets
+    give images of several sizes), so the VAE can be freed before the first step and never shares
+    memory with training; without it (``cache_latents`` off), ``get()`` encodes on demand every time.
+    ``recrop(index, bucket)``: the image cut to another bucket (prior preservation's square class
+    images in an instance batch's bucket); entries are kept per bucket.
     """
 
-    def __init__(self, pixels: list[torch.Tensor], encode: Any, *, keep: bool, flips: bool) -> None:
+    def __init__(self, pixels: list[torch.Tensor], encode: Any, *, keep: bool, flips: bool,
+                 recrop: Callable[[int, bucketing.Bucket], torch.Tensor] | None = None) -> None:
         self.pixels = pixels
         self._encode = encode
         self.keep = keep
         self.flips = flips
-        self.entries: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recrop = recrop
+        self.entries: dict[tuple[int, bool, bucketing.Bucket], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def get(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if (index, flip) in self.entries:
-            return self.entries[(index, flip)]
-        pixels = self.pixels[index].flip(-1) if flip else self.pixels[index]
-        mean, std = self._encode([pixels])
+    def bucket_of(self, index: int) -> bucketing.Bucket:
+        return self.pixels[index].shape[-1], self.pixels[index].shape[-2]
+
+    def _pixels(self, index: int, bucket: bucketing.Bucket) -> torch.Tensor:
+        if bucket == self.bucket_of(index):
+            return self.pixels[index]
+        if self.recrop is None:
+            raise ValueError(f"image {index} is {self.bucket_of(index)}, not {bucket}, and cannot be cut again")
+        return self.recrop(index, bucket)
+
+    def get(self, index: int, flip: bool, bucket: bucketing.Bucket | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (index, flip, bucket or self.bucket_of(index))
+        if key in self.entries:
+            return self.entries[key]
+        pixels = self._pixels(index, key[2])
+        mean, std = self._encode([pixels.flip(-1) if flip else pixels])
         entry = (mean[0], std[0])
         if self.keep:
-            self.entries[(index, flip)] = entry
+            self.entries[key] = entry
         return entry
 
-    def fill(self) -> None:
-        for flip in (False, True) if self.flips else (False,):
-            batch = [p.flip(-1) if flip else p for p in self.pixels]
-            mean, std = self._encode(batch)
-            for i in range(len(batch)):
-                self.entries[(i, flip)] = (mean[i], std[i])
+    def fill(self, buckets: Sequence[bucketing.Bucket] | None = None) -> None:
+        """Encode every image at its own size, or (``buckets``) cut to each of those buckets."""
+        groups: dict[bucketing.Bucket, list[int]] = {}
+        if buckets is None:
+            for i in range(len(self.pixels)):
+                groups.setdefault(self.bucket_of(i), []).append(i)
+        else:
+            groups = {b: list(range(len(self.pixels))) for b in buckets}
+        for bucket, indices in groups.items():
+            pixels = [self._pixels(i, bucket) for i in indices]
+            for flip in (False, True) if self.flips else (False,):
+                mean, std = self._encode([p.flip(-1) if flip else p for p in pixels])
+                for row, i in enumerate(indices):
+                    self.entries[(i, flip, bucket)] = (mean[row], std[row])
 
 
 class TrainingRun:
@@ -127,9 +152,13 @@ class TrainingRun:
             skipped = scan.skipped_message()
             if skipped:
                 self.events.status(skipped, level="warning")
+            instance = scan.role == "instance"
+            # Class images stay squares at the resolution (generated ones are); with aspect buckets they are
+            # cut to each instance batch's bucket when their latents are cached (build_caches).
+            crop = "face" if instance and cfg.crop == "face" else "center"
             try:
-                prepared.append(data.read_images(scan, cfg.resolution, crop="center", background=cfg.background,
-                                                 seed=cfg.seed))
+                prepared.append(data.read_images(scan, cfg.resolution, crop=crop, background=cfg.background,
+                                                 seed=cfg.seed, buckets=instance and cfg.aspect_buckets))
             except data.DataError as exc:
                 problems.append(exc)
         if problems:
@@ -143,6 +172,13 @@ class TrainingRun:
             for warning in item.warnings:
                 self.events.status(warning, level="warning")
         self.epoch_list = data.expand_repeats(self.instance_records)
+        # The bucket of each sample of an epoch; every micro-batch is drawn from one of them.
+        self.epoch_buckets = [self.instance_prepared[i].bucket for i in self.epoch_list]
+        if cfg.aspect_buckets:
+            counts: dict[bucketing.Bucket, int] = {}
+            for item in self.instance_prepared:
+                counts[item.bucket] = counts.get(item.bucket, 0) + 1
+            self.events.status("aspect buckets: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(counts.items())))
         self.fingerprint = data.dataset_fingerprint(self.instance_records)
         self.class_fingerprint = data.dataset_fingerprint(self.user_class_records) if len(scans) > 1 else ""
         self.captions = [r.caption if (cfg.use_captions and r.caption) else cfg.instance_prompt
@@ -242,17 +278,21 @@ class TrainingRun:
         cfg = self.config
         self.events.status("caching latents and prompts")
 
-        def cache(prepared: list[data.PreparedImage]) -> LatentCache:
+        def cache(prepared: list[data.PreparedImage], recrop: Any = None) -> LatentCache:
             return LatentCache([p.pixels for p in prepared], self._encode_images, keep=cfg.cache_latents,
-                               flips=cfg.random_flip)
+                               flips=cfg.random_flip, recrop=recrop)
 
-        self.instance_latents = cache(self.instance_prepared) if cfg.crop == "center" else None
-        self.class_latents = cache(self.class_prepared) if cfg.with_prior_preservation else None
-        for latents in (self.instance_latents, self.class_latents):
+        # 'face' is a fixed crop per image, like 'center': its latents are cached too.
+        fixed_crop = cfg.crop != "random"
+        self.instance_latents = cache(self.instance_prepared) if fixed_crop else None
+        self.class_latents = (cache(self.class_prepared, self._class_in_bucket if cfg.aspect_buckets else None)
+                              if cfg.with_prior_preservation else None)
+        used = sorted(set(self.epoch_buckets)) if cfg.aspect_buckets else None
+        for latents, wanted in ((self.instance_latents, None), (self.class_latents, used)):
             if latents is not None and latents.keep:
                 self.commands.check_stop()
-                latents.fill()
-        if cfg.crop == "center" and cfg.cache_latents and not cfg.validation_prompts:
+                latents.fill(wanted)
+        if fixed_crop and cfg.cache_latents and not cfg.validation_prompts:
             self.base.vae = None  # every latent is cached: give its memory back before training
             free_accelerator_memory()
         if not cfg.train_text_encoder and self.embedding_cache is None:
@@ -261,6 +301,12 @@ class TrainingRun:
                 # Only the cached embeddings are needed from here on: 123M parameters freed.
                 self.base.text_encoder = None  # type: ignore[assignment]
                 free_accelerator_memory()
+
+    def _class_in_bucket(self, index: int, bucket: bucketing.Bucket) -> torch.Tensor:
+        """Class image ``index`` (a square) cut at the center to ``bucket``: an instance batch and its class
+        half share one shape, so one UNet call serves both."""
+        square = data.tensor_to_image(self.class_prepared[index].pixels)
+        return data.image_to_tensor(data.crop_image(square, bucket, crop="center")[0])
 
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -411,8 +457,22 @@ class TrainingRun:
         """Where the next micro-batch starts in the (epoch-shuffled) instance stream."""
         cfg = self.config
         consumed = self.step * cfg.gradient_accumulation_steps * self.world * cfg.train_batch_size
-        epoch, offset = data.stream_position(len(self.epoch_list), consumed)
+        epoch, offset = data.stream_position(self._stream_length(), consumed)
         return {"epoch": epoch, "offset": offset, "images_seen": consumed}
+
+    def _stream_length(self) -> int:
+        """Samples per epoch: with aspect buckets each bucket's samples are rounded up to whole batches."""
+        cfg = self.config
+        if cfg.aspect_buckets:
+            return bucketing.epoch_length(self.epoch_buckets, cfg.train_batch_size)
+        return len(self.epoch_list)
+
+    def _stream(self, start: int, count: int) -> list[int]:
+        """Indices into ``epoch_list`` of samples [start, start + count) of the run's sample stream."""
+        cfg = self.config
+        if cfg.aspect_buckets:
+            return bucketing.bucketed_stream(self.epoch_buckets, cfg.train_batch_size, cfg.seed, start, count)
+        return data.sample_stream(len(self.epoch_list), cfg.seed, start, count)
 
     def _metadata(self) -> dict[str, str]:
         return lora.lora_metadata(self.config, self.base, step=self.step, version=__version__,
@@ -531,36 +591,49 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
 
     # --- one optimisation step -------------------------------------------------------------------
-    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str]]:
-        """Latents and prompts of global micro-batch ``micro`` for this process."""
+    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str], list[data.CropGeometry]]:
+        """Latents, prompts and crop geometry (SDXL's size conditioning) of global micro-batch ``micro``
+        for this process; every sample has the same size (one aspect bucket)."""
         cfg = self.config
         bs = cfg.train_batch_size
         start = (micro * self.world + self.rank) * bs
         gen = torch.Generator(device="cpu").manual_seed(derived_seed(cfg.seed, micro, self.rank, "latents"))
-        picks = [self.epoch_list[i] for i in data.sample_stream(len(self.epoch_list), cfg.seed, start, bs)]
+        picks = [self.epoch_list[i] for i in self._stream(start, bs)]
         flips = [cfg.random_flip and random.Random(f"{cfg.seed}:{micro}:{self.rank}:{j}").random() < 0.5
                  for j in range(bs)]
+        bucket = self.instance_prepared[picks[0]].bucket
         if self.instance_latents is not None:
             latents = self._sample_latents(self.instance_latents, picks, flips, gen)
+            geometry = [self.instance_prepared[i].geometry for i in picks]
         else:
-            pixels = []
+            pixels, geometry = [], []
             for j, idx in enumerate(picks):
-                crop = data.resize_and_crop(self.instance_originals[idx], cfg.resolution, crop="random",
-                                            rng=random.Random(f"{cfg.seed}:{micro}:{self.rank}:{j}:crop"))
+                crop, where = data.crop_image(self.instance_originals[idx], bucket, crop="random",
+                                              rng=random.Random(f"{cfg.seed}:{micro}:{self.rank}:{j}:crop"))
                 t = data.image_to_tensor(crop)
                 pixels.append(t.flip(-1) if flips[j] else t)
+                geometry.append(where)
             mean, std = self._encode_images(pixels)
             latents = mean + std * torch.randn(mean.shape, generator=gen).to(self.device, mean.dtype)
+        geometry = [g.flipped() if flip else g for g, flip in zip(geometry, flips, strict=True)]
         prompts = [self.captions[i] for i in picks]
         if self.class_latents is not None:
             class_picks = data.sample_stream(len(self.class_records), cfg.seed + 1, start, bs)
-            latents = torch.cat([latents, self._sample_latents(self.class_latents, class_picks, flips, gen)])
+            in_bucket = bucket if cfg.aspect_buckets else None
+            latents = torch.cat([latents, self._sample_latents(self.class_latents, class_picks, flips, gen,
+                                                               in_bucket)])
             prompts += [cfg.class_prompt] * bs
-        return latents * self.vae_scaling, prompts
+            for i, flip in zip(class_picks, flips, strict=True):
+                square = self.class_prepared[i].geometry
+                # A class image cut to the bucket: its crop of the square, the square standing for the photo.
+                where = (bucketing.crop_box(square.target_size[1], square.target_size[0], bucket, crop="center")[1]
+                         if cfg.aspect_buckets else square)
+                geometry.append(where.flipped() if flip else where)
+        return latents * self.vae_scaling, prompts, geometry
 
     def _sample_latents(self, cache: LatentCache, picks: list[int], flips: list[bool],
-                        gen: torch.Generator) -> torch.Tensor:
-        rows = [cache.get(idx, flip) for idx, flip in zip(picks, flips, strict=True)]
+                        gen: torch.Generator, bucket: bucketing.Bucket | None = None) -> torch.Tensor:
+        rows = [cache.get(idx, flip, bucket) for idx, flip in zip(picks, flips, strict=True)]
         mean = torch.stack([r[0] for r in rows])
         std = torch.stack([r[1] for r in rows])
         return mean + std * torch.randn(mean.shape, generator=gen).to(self.device, mean.dtype)
@@ -576,7 +649,7 @@ class TrainingRun:
 
     def loss_for_micro_batch(self, micro: int) -> tuple[torch.Tensor, float, float]:
         cfg = self.config
-        latents, prompts = self._batch(micro)
+        latents, prompts, _geometry = self._batch(micro)  # geometry: for SDXL's size conditioning
         gen = torch.Generator(device="cpu").manual_seed(derived_seed(cfg.seed, micro, self.rank, "noise"))
         noise = torch.randn(latents.shape, generator=gen)
         if cfg.noise_offset:
