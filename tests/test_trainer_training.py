@@ -7,6 +7,7 @@ process boundary is the point (exit codes, stdin commands, stdout hygiene, accel
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -386,9 +387,11 @@ def mixed_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bucketed_batches_share_one_shape_with_class_images_in_the_same_bucket(
     tiny_checkpoint: Path, mixed_photos: Path, tmp_path: Path
 ) -> None:
+    # Square class photos from a folder: what matters here is their cut to each bucket, not their generation.
+    classes = copy_dog_photos(tmp_path / "class photos", count=2)
     cfg = make_config(tiny_checkpoint, mixed_photos, tmp_path / "run", aspect_buckets=True, train_batch_size=2,
-                      random_flip=True, with_prior_preservation=True, class_prompt="a photo of dog",
-                      num_class_images=2, class_generation_steps=2, max_train_steps=2)
+                      with_prior_preservation=True, class_prompt="a photo of dog",
+                      class_data_dir=str(classes), num_class_images=2, max_train_steps=2)
     run = TrainingRun(cfg, protocol.EventWriter(None), protocol.Commands())
     run.prepare()
     assert sorted(p.bucket for p in run.instance_prepared) == [(48, 80), (64, 64), (72, 56), (72, 56)]
@@ -443,3 +446,20 @@ def test_random_crop_in_buckets(tiny_checkpoint: Path, mixed_photos: Path, tmp_p
         assert geometry.target_size != (64, 64) or geometry.original_size == (256, 256)
         tops.add(geometry.crop_top_left)
     assert len(tops) > 1
+
+
+def test_face_crop_keeps_latents_cached_and_names_photos_without_a_face(tiny_checkpoint: Path, mixed_photos: Path,
+                                                                         tmp_path: Path) -> None:
+    stream = io.StringIO()
+    cfg = make_config(tiny_checkpoint, mixed_photos, tmp_path / "run", crop="face", aspect_buckets=True)
+    run = TrainingRun(cfg, protocol.EventWriter(stream), protocol.Commands())
+    run.prepare()
+    assert run.instance_latents is not None and len(run.instance_latents.entries) == 4, "fixed crops are cached"
+    assert run.base.vae is None, "every latent is cached: the VAE is freed"
+    messages = [json.loads(line).get("message", "") for line in stream.getvalue().splitlines()]
+    for name in ("00.png", "01.png", "02.png", "03.png"):  # dogs: no face, so the center crop, said per file
+        assert any(name in m and "no face" in m for m in messages), (name, messages)
+    for item in run.instance_prepared:
+        (rh, rw), (th, tw) = item.geometry.resized_size(), item.geometry.target_size
+        top, left = item.geometry.crop_top_left
+        assert abs(2 * top - (rh - th)) <= 1 and abs(2 * left - (rw - tw)) <= 1, item.geometry
