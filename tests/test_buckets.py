@@ -36,6 +36,9 @@ def test_bucket_list_examples() -> None:
     assert {(512, 512), (448, 576), (576, 448), (384, 640), (640, 384)} <= set(buckets.bucket_sizes(512))
     assert {(1024, 1024), (896, 1152), (1152, 896)} <= set(buckets.bucket_sizes(1024))
     assert buckets.bucket_step(512) == buckets.bucket_step(1024) == 64
+    # A resolution that is not a multiple of the step: the largest square of whole steps, never more pixels.
+    odd = buckets.bucket_sizes(520)
+    assert (512, 512) in odd and all(w * h <= 520 * 520 and w % 64 == h % 64 == 0 for w, h in odd)
 
 
 def test_each_image_goes_to_the_nearest_aspect() -> None:

@@ -59,7 +59,8 @@ def bucket_step(resolution: int) -> int:
 
 
 def bucket_sizes(resolution: int) -> list[Bucket]:
-    """Every bucket for ``resolution``, sorted from the tallest to the widest; the square is always one."""
+    """Every bucket for ``resolution``, sorted from the tallest to the widest. A square is always one: the
+    resolution itself when it is a multiple of the step, else the largest square of whole steps."""
     if int(resolution) != resolution or resolution < 8:
         raise ValueError(f"resolution must be an integer >= 8, got {resolution!r}")
     step = bucket_step(resolution)
