@@ -98,6 +98,13 @@ def tiny_checkpoint(comfyui_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(comfyui_root: Path) -> Path:
+    """Cached tiny SDXL single-file checkpoint (SDXL's blocks at 320 channels, full-size text encoders;
+    ~2.4 GB, built in about a minute on first use)."""
+    return tiny_models.tiny_sdxl_checkpoint(comfyui_root)
+
+
+@pytest.fixture(scope="session")
 def tiny_controlnet(comfyui_root: Path) -> Path:
     """Cached tiny ControlNet (cldm `control_model.*` keys) matching the tiny checkpoint."""
     return tiny_models.tiny_controlnet(comfyui_root)

@@ -178,6 +178,51 @@ SD2_V_NORM_BIAS_STD = 0.2
 
 FIXTURES_DIR = CACHE_DIR / "fixtures"
 
+# SDXL: ComfyUI detects SDXL by model_channels 320, transformer_depth [0, 0, 2, 2, 10, 10] (per input
+# block), context_dim 2048 and adm_in_channels 2816, so the UNet keeps SDXL's block structure; it is
+# small only in width (320 channels at every level instead of 320/640/1280: about 1/10 of SDXL's
+# 2.6B parameters). Both text encoders keep their real sizes (ComfyUI's SDXL CLIP has fixed configs):
+# CLIP-L and OpenCLIP ViT-bigG (695M parameters). The VAE is the standard SD VAE architecture, which
+# SDXL's is. Heads: 320 channels / 64 per head = 5, as ComfyUI computes them.
+SDXL_BUILDER_VERSION = "1"
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 320, 320],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048, "attention_head_dim": 5, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32,
+}
+_COMFY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 1, 1],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "transformer_depth_middle": 10,
+}
+# The tiny SDXL UNet's encoder half as a ControlNet (what ComfyUI detects as an SDXL ControlNet).
+TINY_SDXL_CONTROLNET_CONFIG: dict[str, Any] = {
+    **{k: TINY_SDXL_UNET_CONFIG[k] for k in (
+        "in_channels", "layers_per_block", "block_out_channels", "down_block_types", "transformer_layers_per_block",
+        "cross_attention_dim", "attention_head_dim", "use_linear_projection", "addition_embed_type",
+        "addition_time_embed_dim", "projection_class_embeddings_input_dim", "norm_num_groups")},
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+}
+# OpenCLIP ViT-bigG/14's text tower (SDXL's second encoder), in transformers' terms.
+OPEN_CLIP_BIGG_TEXT_CONFIG: dict[str, Any] = {
+    **CLIP_L_TEXT_CONFIG,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "projection_dim": 1280,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "pad_token_id": 0,
+}
+
 
 # --------------------------------------------------------------------------- public API
 
@@ -194,6 +239,22 @@ def tiny_sd2_checkpoint(comfyui_root: Path | None = None) -> Path:
     weights), OpenCLIP text encoder `cond_stage_model.model.*` with 3 resblocks.
     """
     return _cached("tiny-sd2v", "sd2", comfyui_root, SD2_BUILDER_VERSION)
+
+
+def tiny_sdxl_checkpoint(comfyui_root: Path | None = None) -> Path:
+    """Path to the cached tiny SDXL single-file checkpoint (LDM keys as SDXL files carry them, fp16
+    storage, ~2.2 GB: the two text encoders are full size), built if needed.
+
+    UNet `model.diffusion_model.*` (SDXL's blocks at 320 channels), VAE `first_stage_model.*` (the
+    SD1.5 fixture's weights), CLIP-L `conditioner.embedders.0.transformer.*`, OpenCLIP bigG
+    `conditioner.embedders.1.model.*`.
+    """
+    return _cached("tiny-sdxl", "sdxl", comfyui_root, SDXL_BUILDER_VERSION)
+
+
+def tiny_sdxl_controlnet(comfyui_root: Path | None = None) -> Path:
+    """Path to the cached tiny SDXL ControlNet (cldm `control_model.*` keys, fp16, ~0.3 GB), built if needed."""
+    return _cached("tiny-sdxl-controlnet", "sdxl-controlnet", comfyui_root, SDXL_BUILDER_VERSION)
 
 
 def tiny_controlnet(comfyui_root: Path | None = None) -> Path:
@@ -287,8 +348,6 @@ def _ldm_unet_and_vae(unet: Any, vae: Any, comfy_config: dict[str, Any]) -> dict
 
 
 def _build_sd2(out: Path) -> dict[str, Any]:
-    import comfy.diffusers_convert
-    import comfy.utils
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
@@ -307,11 +366,8 @@ def _build_sd2(out: Path) -> dict[str, Any]:
     text = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_OPEN_CLIP_TEXT_CONFIG))
 
     sd = _ldm_unet_and_vae(unet, vae, _COMFY_UNET_CONFIG)
-    # ComfyUI's own SD2 save path (SD20.process_clip_state_dict_for_saving): HF CLIP keys under
-    # `transformer.` become OpenCLIP's resblocks / fused in_proj / transposed text_projection.
-    text_sd = {"transformer." + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
-               for k, v in text.state_dict().items() if not k.endswith("position_ids")}
-    for k, v in comfy.diffusers_convert.convert_text_enc_state_dict_v20(text_sd).items():
+    # ComfyUI's own SD2 save path (SD20.process_clip_state_dict_for_saving).
+    for k, v in _open_clip_state_dict(text).items():
         sd["cond_stage_model.model." + k] = v
     last = max(int(k.split(".")[3]) for k in sd if k.startswith("model.diffusion_model.output_blocks."))
     bias = sd[f"model.diffusion_model.output_blocks.{last}.1.transformer_blocks.0.norm1.bias"]
@@ -320,14 +376,53 @@ def _build_sd2(out: Path) -> dict[str, Any]:
     return _save(sd, out, save_file, SD2_BUILDER_VERSION)
 
 
-def _build_controlnet(out: Path, full: bool = False) -> dict[str, Any]:
+def _open_clip_state_dict(text: Any) -> dict[str, Any]:
+    """A transformers CLIP text model (with projection) under OpenCLIP's key names, the way ComfyUI
+    saves SD2 / SDXL checkpoints: resblocks, fused in_proj, transposed text_projection."""
+    import comfy.diffusers_convert
+
+    text_sd = {"transformer." + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+               for k, v in text.state_dict().items() if not k.endswith("position_ids")}
+    return comfy.diffusers_convert.convert_text_enc_state_dict_v20(text_sd)
+
+
+def _build_sdxl(out: Path) -> dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(SEED + 20)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
+    torch.manual_seed(SEED + 1)  # the SD1.5 fixture's VAE seed: the same standard VAE weights
+    vae = AutoencoderKL(**SD_VAE_CONFIG)
+    sd = _ldm_unet_and_vae(unet, vae, _COMFY_SDXL_UNET_CONFIG)
+    del unet, vae
+    torch.manual_seed(SEED + 21)
+    clip_l = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
+    for k, v in clip_l.state_dict().items():
+        if not k.startswith("text_model."):
+            k = "text_model." + k
+        sd["conditioner.embedders.0.transformer." + k] = v
+    del clip_l
+    torch.manual_seed(SEED + 22)
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**OPEN_CLIP_BIGG_TEXT_CONFIG))
+    for k, v in _open_clip_state_dict(clip_g).items():
+        sd["conditioner.embedders.1.model." + k] = v
+    del clip_g
+    return _save(sd, out, save_file, SDXL_BUILDER_VERSION)
+
+
+def _build_controlnet(out: Path, full: bool = False, sdxl: bool = False) -> dict[str, Any]:
     import comfy.utils
     import torch
     from diffusers import ControlNetModel
     from safetensors.torch import save_file
 
     torch.manual_seed(SEED + 3)
-    net = ControlNetModel(**(SD15_CONTROLNET_CONFIG if full else TINY_CONTROLNET_CONFIG))
+    config = TINY_SDXL_CONTROLNET_CONFIG if sdxl else SD15_CONTROLNET_CONFIG if full else TINY_CONTROLNET_CONFIG
+    comfy_config = _COMFY_SDXL_UNET_CONFIG if sdxl else _COMFY_SD15_UNET_CONFIG if full else _COMFY_UNET_CONFIG
+    net = ControlNetModel(**config)
     # diffusers zero-initialises these so a fresh ControlNet is a no-op; a test fixture must
     # visibly change the output instead.
     torch.manual_seed(SEED + 4)
@@ -337,7 +432,7 @@ def _build_controlnet(out: Path, full: bool = False) -> dict[str, Any]:
 
     # Same key map as ComfyUI's own diffusers-ControlNet loader (comfy/controlnet.py), which
     # cannot be called directly because it detects the config from known full-size shapes.
-    key_map = comfy.utils.unet_to_diffusers(dict(_COMFY_SD15_UNET_CONFIG if full else _COMFY_UNET_CONFIG))
+    key_map = comfy.utils.unet_to_diffusers(dict(comfy_config))
     key_map["controlnet_mid_block.weight"] = "middle_block_out.0.weight"
     key_map["controlnet_mid_block.bias"] = "middle_block_out.0.bias"
     net_sd = net.state_dict()
@@ -354,7 +449,7 @@ def _build_controlnet(out: Path, full: bool = False) -> dict[str, Any]:
     if missing:
         raise RuntimeError(f"ControlNet keys without an LDM name: {missing[:20]}")
     sd = {"control_model." + key_map[k]: v for k, v in net_sd.items()}
-    return _save(sd, out, save_file)
+    return _save(sd, out, save_file, SDXL_BUILDER_VERSION if sdxl else BUILDER_VERSION)
 
 
 def _save(sd: dict[str, Any], out: Path, save_file: Any, version: str = BUILDER_VERSION) -> dict[str, Any]:
@@ -416,7 +511,8 @@ def _child_build(kind: str, out: Path, comfyui_root: Path) -> int:
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(comfyui_root))
     t0 = time.monotonic()
-    builders = {"sd15": _build_sd15, "sd2": _build_sd2, "controlnet": _build_controlnet,
+    builders = {"sd15": _build_sd15, "sd2": _build_sd2, "sdxl": _build_sdxl, "controlnet": _build_controlnet,
+                "sdxl-controlnet": lambda o: _build_controlnet(o, sdxl=True),
                 "sd15-full": lambda o: _build_sd15(o, full=True), "controlnet-full": lambda o: _build_controlnet(o, full=True)}
     info = builders[kind](out)
     info["seconds"] = round(time.monotonic() - t0, 2)
@@ -426,7 +522,7 @@ def _child_build(kind: str, out: Path, comfyui_root: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the tiny test models and print their paths.")
-    parser.add_argument("--build", choices=["sd15", "sd2", "controlnet", "sd15-full", "controlnet-full"],
+    parser.add_argument("--build", choices=["sd15", "sd2", "sdxl", "sdxl-controlnet", "controlnet", "sd15-full", "controlnet-full"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--comfyui", type=Path, help=argparse.SUPPRESS)
