@@ -141,6 +141,7 @@ def build_lora(dest: Path, full_unet_config: dict[str, Any], clip_config: dict[s
 
     load_by_path("dreambooth_bench_engine", REPO / "trainer" / "__init__.py", package=True)
     lora = importlib.import_module("dreambooth_bench_engine.lora")
+    SD1 = importlib.import_module("dreambooth_bench_engine.families").SD1
     t0 = time.perf_counter()
     torch.manual_seed(200)
     unet = UNet2DConditionModel(**full_unet_config)
@@ -152,7 +153,7 @@ def build_lora(dest: Path, full_unet_config: dict[str, Any], clip_config: dict[s
         for model in (unet, text):
             for _, layer in lora.lora_layers(model):
                 layer.lora_B[lora.ADAPTER].weight.normal_(0.0, 0.02)
-    tensors = lora.kohya_state_dict(unet, text, torch.float16)
+    tensors = lora.kohya_state_dict(unet, [text], SD1, torch.float16)
     del unet, text
     dest.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

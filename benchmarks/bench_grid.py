@@ -113,6 +113,7 @@ def build_loras(dest: Path) -> list[Path]:
 
     load_by_path("dreambooth_bench_engine", REPO / "trainer" / "__init__.py", package=True)
     lora = importlib.import_module("dreambooth_bench_engine.lora")
+    SD1 = importlib.import_module("dreambooth_bench_engine.families").SD1
     tiny = importlib.import_module(f"{SUPPORT_PACKAGE}.tiny_models")
     # Only the attention projections get LoRA layers, so a CLIP-L with a small MLP gives the same
     # keys and shapes in a fraction of the build time.
@@ -129,7 +130,7 @@ def build_loras(dest: Path) -> list[Path]:
             for model in (unet, text):
                 for _, layer in lora.lora_layers(model):
                     layer.lora_B[lora.ADAPTER].weight.normal_(0.0, 0.05)
-        tensors = lora.kohya_state_dict(unet, text, torch.float16)
+        tensors = lora.kohya_state_dict(unet, [text], SD1, torch.float16)
         path = dest / name
         save_file(tensors, str(path), metadata={"format": "pt"})
         paths.append(path)

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     models = importlib.import_module(f"{trainer.__name__}.models")
     torch.manual_seed(args.seed)
     base = models.load_base_model(str(args.pretrained))
-    tokenizer, text_encoder, unet, vae = base.tokenizer, base.text_encoder, base.unet, base.vae
+    tokenizer, text_encoder, unet, vae = base.tokenizers[0], base.text_encoders[0], base.unet, base.vae
     noise_scheduler = base.noise_scheduler
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)

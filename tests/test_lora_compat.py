@@ -107,10 +107,10 @@ def test_diffusers_load_lora_weights_patches_every_module(trained_lora: Path, ti
     from peft.tuners.lora import LoraLayer
 
     base = load_base_model(str(tiny_checkpoint))
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
                                    unet=base.unet, scheduler=base.noise_scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    ids = base.tokenizer(["a photo of qzx dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = base.tokenizers[0](["a photo of qzx dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500])
     with torch.no_grad():

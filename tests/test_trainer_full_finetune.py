@@ -48,7 +48,7 @@ def test_untrained_export_is_the_base_file(tiny_checkpoint: Path) -> None:
     trained tensor would land exactly where the loader took it from."""
     source = ModelSource(str(tiny_checkpoint))
     base = load_file(str(tiny_checkpoint))
-    exported = full_finetune.checkpoint_tensors(tiny_checkpoint, "sd1", source.unet(), source.text_encoder(),
+    exported = full_finetune.checkpoint_tensors(tiny_checkpoint, "sd1", source.unet(), source.text_encoders()[0],
                                                 dtype=torch.float16)
     assert exported.keys() == {k for k in base if not k.startswith(full_finetune.STALE_PREFIXES)}
     for key, value in base.items():
@@ -103,7 +103,7 @@ def test_full_rank_extracted_lora_rebuilds_the_fine_tune(full_run: dict[str, Any
     tuned = ModelSource(str(result.checkpoint_path))
     checked = 0
     for prefix, before, after in (("lora_unet", base.unet(), tuned.unet()),
-                                  ("lora_te", base.text_encoder(), tuned.text_encoder())):
+                                  ("lora_te", base.text_encoders()[0], tuned.text_encoders()[0])):
         before_modules = dict(before.named_modules())
         for name, module in after.named_modules():
             if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):

@@ -175,9 +175,10 @@ def test_broken_missing_and_foreign_files_are_refused_before_any_photo_is_read(t
     save_file({"unet.down_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)}, str(peft_style))
     assert "uses diffusers/peft key names" in error_for(peft_style)
     sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 8)},
+    layer = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{layer}.lora_down.weight": torch.zeros(4, 8), f"{layer}.lora_up.weight": torch.zeros(8, 4)},
               str(sdxl))
-    assert "is an SDXL LoRA" in error_for(sdxl)
+    assert "sdxl.safetensors is an SDXL LoRA (it has lora_te2_ layers), and the base model is SD1.x" in error_for(sdxl)
 
 
 def test_open_init_lora_reads_the_layout_of_a_file_the_pack_wrote(seed_lora: Path) -> None:

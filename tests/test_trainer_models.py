@@ -20,16 +20,33 @@ SD1_KEYS = {
 }
 
 
-def test_detect_family_sd1_sd2_and_clear_errors_for_others() -> None:
+SDXL_KEYS = {
+    "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+    "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+    "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+    "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+    "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
+}
+
+
+def test_detect_family_sd1_sd2_sdxl_and_clear_errors_for_others() -> None:
     assert models.detect_family(SD1_KEYS) == "sd1"
     sd2 = {
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
         "cond_stage_model.model.token_embedding.weight": (49408, 1024),
     }
     assert models.detect_family(sd2) == "sd2"
-    sdxl = {**SD1_KEYS, "conditioner.embedders.1.model.ln_final.weight": (1280,)}
-    with pytest.raises(ConfigError, match="SDXL checkpoint; supported: Stable Diffusion 1.x and 2.x"):
-        models.detect_family(sdxl)
+    assert models.detect_family(SDXL_KEYS) == "sdxl"
+    refiner = {k: v for k, v in SDXL_KEYS.items() if not k.startswith("conditioner.embedders.0.")}
+    with pytest.raises(ConfigError, match="SDXL refiner; DreamBooth needs the SDXL base model with both text encoders"):
+        models.detect_family(refiner)
+    unet_only = {k: v for k, v in SDXL_KEYS.items() if not k.startswith("conditioner.")}
+    with pytest.raises(ConfigError, match="SDXL file without its text encoders"):
+        models.detect_family(unet_only)
+    with pytest.raises(ConfigError, match="EDM-schedule SDXL models"):
+        models.detect_prediction_type({"edm_mean": torch.zeros(4), **dict.fromkeys(SDXL_KEYS)}, "sdxl")
+    assert models.detect_prediction_type({"v_pred": torch.zeros(()), **dict.fromkeys(SDXL_KEYS)}, "sdxl") == "v_prediction"
+    assert models.detect_prediction_type(dict.fromkeys(SDXL_KEYS), "sdxl") == "epsilon"
     with pytest.raises(ConfigError, match="no Stable Diffusion UNet"):
         models.detect_family({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)})
 
@@ -51,10 +68,10 @@ def test_tiny_checkpoint_loads_with_shapes_read_from_the_file(tiny_checkpoint: P
     assert base.unet.config.block_out_channels == (320,) or list(base.unet.config.block_out_channels) == [320]
     assert base.unet.config.cross_attention_dim == 768
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in base.unet.parameters())
-    ids = base.tokenizer(["a photo of a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = base.tokenizers[0](["a photo of a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert ids.shape == (1, 77) and ids[0, 0].item() == 49406  # CLIP's start token, not a fallback id
     with torch.no_grad():
-        assert torch.isfinite(base.text_encoder(ids)[0]).all()
+        assert torch.isfinite(base.text_encoders[0](ids)[0]).all()
     assert (tmp_path / "model_hashes.json").is_file(), "the file hash is memoised"
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
@@ -100,7 +117,7 @@ def test_diffusers_folder_loads(tiny_checkpoint: Path, tmp_path: Path) -> None:
     folder = tmp_path / "tiny diffusers"
     base.unet.save_pretrained(folder / "unet")
     base.vae.save_pretrained(folder / "vae")
-    base.text_encoder.save_pretrained(folder / "text_encoder")
+    base.text_encoders[0].save_pretrained(folder / "text_encoder")
     again = models.load_base_model(str(folder))
     assert again.family == "sd1"
     for a, b in zip(base.unet.parameters(), again.unet.parameters(), strict=True):

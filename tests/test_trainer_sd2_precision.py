@@ -131,14 +131,14 @@ def test_tiny_sd2_loads_as_v_prediction_with_openclip_penultimate_layer(sd2_chec
     assert base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 5  # 320 / 64
     with safe_open(str(sd2_checkpoint), "pt") as fh:
         blocks = {k.split(".")[4] for k in fh.keys() if k.startswith(OPEN_CLIP + "transformer.resblocks.")}
-    assert base.text_encoder.config.num_hidden_layers == len(blocks) - 1 == 2, "the last block is dropped"
+    assert base.text_encoders[0].config.num_hidden_layers == len(blocks) - 1 == 2, "the last block is dropped"
 
-    ids = base.tokenizer(["a photo of a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = base.tokenizers[0](["a photo of a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     end = ids[0].tolist().index(49407)
     assert ids.shape == (1, 77) and ids[0, 0].item() == 49406
-    assert base.tokenizer.pad_token == "!" and set(ids[0, end + 1:].tolist()) == {0}, "SD2 pads with '!' (id 0)"
+    assert base.tokenizers[0].pad_token == "!" and set(ids[0, end + 1:].tolist()) == {0}, "SD2 pads with '!' (id 0)"
     with torch.no_grad():
-        hidden = base.text_encoder(ids)[0]
+        hidden = base.text_encoders[0](ids)[0]
     assert hidden.shape == (1, 77, 1024)
     torch.testing.assert_close(hidden, open_clip_penultimate(sd2_checkpoint, ids), rtol=1e-4, atol=1e-4)
 
@@ -155,7 +155,7 @@ def test_sd2_loss_target_is_the_velocity(sd2_checkpoint: Path, tmp_path: Path) -
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-        pred = run.unet(noisy, t, run._embeddings(prompts)).sample
+        pred = run.unet(noisy, t, run._embeddings(prompts).hidden).sample
     velocity = abar.sqrt() * noise - (1 - abar).sqrt() * latents
     expected = F.mse_loss(pred, velocity)
     assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5), (loss.item(), expected.item())
@@ -273,7 +273,7 @@ def test_gradient_checkpointing_gives_the_same_lora(tiny_checkpoint: Path, tmp_p
                           save_precision="fp32", mixed_precision="no", device="cpu", seed=3)
         run, result = run_to_end(cfg)
         assert run.base.unet.is_gradient_checkpointing is checkpointing
-        te = run.base.text_encoder  # recent transformers renamed the flag and deprecated the old name
+        te = run.base.text_encoders[0]  # recent transformers renamed the flag and deprecated the old name
         flag = "is_activation_checkpointing" if hasattr(te, "is_activation_checkpointing") else \
             "is_gradient_checkpointing"
         assert getattr(te, flag) is checkpointing

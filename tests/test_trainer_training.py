@@ -66,7 +66,7 @@ def class_prediction(run: TrainingRun, latents: torch.Tensor) -> torch.Tensor:
     t = torch.randint(100, 900, (latents.shape[0],), generator=gen)
     noisy = run.base.noise_scheduler.add_noise(latents, noise, t)
     with torch.no_grad():
-        return run.unet(noisy, t, run._embeddings(["a photo of dog"] * len(t))).sample
+        return run.unet(noisy, t, run._embeddings(["a photo of dog"] * len(t)).hidden).sample
 
 
 def test_prior_preservation_keeps_class_predictions_closer_to_frozen_model(
@@ -113,7 +113,7 @@ def test_a_batch_of_class_images_is_each_seed_s_own_image(tiny_checkpoint: Path)
     from comfyui_dreambooth_lora.trainer import models, sampling
 
     base = models.load_base_model(str(tiny_checkpoint))
-    pipe = sampling.build_pipeline(base, base.unet, base.text_encoder, torch.device("cpu"))
+    pipe = sampling.build_pipeline(base, base.unet, base.text_encoders, torch.device("cpu"))
     settings = {"negative_prompt": "", "steps": 2, "guidance": 7.5, "size": 64, "autocast_dtype": None}
     batch = sampling.generate_batch(pipe, "a photo of dog", seeds=[11, 12, 13], **settings)
     alone = [sampling.generate(pipe, "a photo of dog", seed=s, **settings) for s in (11, 12, 13)]

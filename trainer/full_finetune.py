@@ -41,6 +41,10 @@ def check_source(pretrained_model: str, family: str, train_text_encoder: bool) -
         raise ConfigError("training_method", "a full fine-tune is saved as a single-file checkpoint built from the "
                           "base model's file; give pretrained_model as a .safetensors checkpoint (ComfyUI's "
                           "models/checkpoints), or use training_method 'lora' with a diffusers folder")
+    if family == "sdxl":
+        # ~2.6B UNet weights with AdamW need ~42 GB in fp32 before activations: LoRA is the way on one card.
+        raise ConfigError("training_method", "a full fine-tune of SDXL is not supported (its UNet alone needs about "
+                          "42 GB for fp32 weights, gradients and optimizer state); use training_method 'lora'")
     if family != "sd1" and train_text_encoder:
         raise ConfigError("train_text_encoder", "a full fine-tune of SD2's OpenCLIP text encoder cannot be saved "
                           "yet; turn train_text_encoder off (the UNet is still fully trained) or use "

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 
 from . import fileio
 from .config import ConfigError
+from .families import Family
 from .identity import METADATA_KEY, TrainingIdentity
 from .safetensors_file import SafetensorsFileError, SafetensorsHeader, read_header, read_tensor_bytes
 
@@ -40,6 +41,8 @@ TEXT_ENCODER_TARGETS: dict[str, list[str]] = {
 TEXT_ENCODER_TARGETS["attn_mlp"] = TEXT_ENCODER_TARGETS["attn"] + ["fc1", "fc2"]
 
 ADAPTER = "default"
+# How a training checkpoint names each text encoder's LoRA weights, in the model's order.
+TEXT_ENCODER_PARTS = ("text_encoder", "text_encoder_2")
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -79,16 +82,22 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
-def kohya_modules(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, tuple[str, Any]]:
-    """Kohya module name (``lora_unet_...``, ``lora_te_...``) -> (part, peft LoRA layer).
+def kohya_modules(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
+                  spec: Family) -> dict[str, tuple[str, Any]]:
+    """Kohya module name (``lora_unet_...``, ``lora_te_...``; SDXL ``lora_te1_...`` / ``lora_te2_...``)
+    -> (part, peft LoRA layer); part is "unet" or "text_encoder" (every text encoder: they share one rank,
+    alpha and learning rate). ``text_encoders`` is empty when no text-encoder LoRA is trained.
 
     The one map between in-model names and file names: saving walks it, and ``init_lora`` reads a
     file back through it, so a LoRA this pack wrote always loads into the layers it came from.
     """
     out: dict[str, tuple[str, Any]] = {}
     parts: list[tuple[str, str, torch.nn.Module]] = [("unet", "lora_unet", unet)]
-    if text_encoder is not None:
-        parts.append(("text_encoder", "lora_te", text_encoder))
+    if text_encoders:
+        if len(text_encoders) != spec.text_encoder_count:
+            raise ValueError(f"{spec.label} has {spec.text_encoder_count} text encoder(s), got {len(text_encoders)}")
+        parts += [("text_encoder", prefix, te) for prefix, te in zip(spec.text_encoder_prefixes, text_encoders,
+                                                                       strict=True)]
     for part, prefix, model in parts:
         for name, layer in lora_layers(model):
             out[kohya_module_name(prefix, name)] = (part, layer)
@@ -96,16 +105,16 @@ def kohya_modules(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -
 
 
 def kohya_module_name(prefix: str, module_path: str) -> str:
-    """``lora_unet_<path with _>`` / ``lora_te_text_model_<path>`` for a module of the UNet or text encoder."""
-    if prefix == "lora_te" and not module_path.startswith("text_model."):
+    """``lora_unet_<path with _>`` / ``lora_te_text_model_<path>`` for a module of the UNet or a text encoder."""
+    if prefix.startswith("lora_te") and not module_path.startswith("text_model."):
         module_path = "text_model." + module_path  # transformers 5 has no text_model level; the format does
     return f"{prefix}_{module_path.replace('.', '_')}"
 
 
-def kohya_state_dict(unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
+def kohya_state_dict(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module], spec: Family,
                      dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for key, (_, layer) in kohya_modules(unet, text_encoder).items():
+    for key, (_, layer) in kohya_modules(unet, text_encoders, spec).items():
         out[f"{key}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
         out[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
         out[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER]), dtype=dtype)
@@ -170,15 +179,17 @@ def lora_metadata(config: Any, base: Any, *, step: int, version: str,
     ``identity`` is written as ``dreambooth.identity``: hashes and settings, no paths; the train node
     reuses the file only when it matches.
     """
-    arch = "stable-diffusion-v1" if base.family == "sd1" else "stable-diffusion-v2-768-v" if \
-        base.prediction_type == "v_prediction" else "stable-diffusion-v2-512"
+    spec: Family = base.spec
+    arch = spec.modelspec_architecture
+    if spec.name == "sd2" and base.prediction_type == "v_prediction":
+        arch = "stable-diffusion-v2-768-v"
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
         "ss_text_encoder_dim": str(config.text_encoder_rank) if config.train_text_encoder else "",
         "ss_text_encoder_alpha": str(config.text_encoder_alpha) if config.train_text_encoder else "",
-        "ss_base_model_version": "sd_v1" if base.family == "sd1" else "sd_v2",
+        "ss_base_model_version": spec.kohya_version,
         "ss_v2": str(base.family == "sd2"),
         "ss_v_parameterization": str(base.prediction_type == "v_prediction"),
         "ss_sd_model_name": base.name,
@@ -221,7 +232,7 @@ def lora_metadata(config: Any, base: Any, *, step: int, version: str,
 # ``kohya_modules``, the inverse of how it was written. Only the kohya layout is read, as the pack's
 # own LoRA loader does; diffusers/peft-named files are refused there too.
 
-_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te[12]?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _ALPHA_DTYPES = {**_TORCH_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16}  # some tools: ints
 _PART_NAMES = {"unet": "UNet", "text_encoder": "text-encoder"}
@@ -244,6 +255,9 @@ class InitLora:
     path: Path
     header: SafetensorsHeader
     modules: dict[str, InitModule]
+    # What the text-encoder keys say: "sdxl" (lora_te2_ present), "sd" (one text encoder: SD1.x/2.x), or
+    # None for a UNet-only file (its layer names and shapes tell the family instead).
+    text_encoders: str | None = None
 
     def part(self, part: str) -> dict[str, InitModule]:
         return {k: m for k, m in self.modules.items() if m.part == part}
@@ -266,13 +280,16 @@ def open_init_lora(path: str | Path) -> InitLora:
         raise _init_error(f"{exc.path}: {exc.problem}. {exc.fix}, {_FROM_ZERO}") from exc
     parsed: dict[str, dict[str, str]] = {}
     unknown: list[str] = []
+    # Two text encoders (lora_te2_ keys) make an SDXL LoRA, whose lora_te1_ keys keep their name; an SD1.x
+    # LoRA may call its one text encoder lora_te1_ too: read as lora_te_, what this pack writes for SD1.x.
+    sdxl = any(k.startswith("lora_te2_") for k in header.tensors)
     for key in sorted(header.tensors):
         match = _KOHYA_KEY.match(key)
         if match is None:
             unknown.append(key)
             continue
         prefix, module, kind = match.groups()
-        parsed.setdefault(f"{'lora_te' if prefix == 'lora_te1' else prefix}_{module}", {})[kind] = key
+        parsed.setdefault(f"{'lora_te' if prefix == 'lora_te1' and not sdxl else prefix}_{module}", {})[kind] = key
     if unknown:
         raise _init_error(_unknown_keys_message(path, unknown))
     modules: dict[str, InitModule] = {}
@@ -298,14 +315,12 @@ def open_init_lora(path: str | Path) -> InitLora:
                                    down.shape[0])
     if not modules:
         raise _init_error(f"{path.name} holds no LoRA layers; choose a LoRA file, {_FROM_ZERO}")
-    return InitLora(path, header, modules)
+    has_te = any(m.part == "text_encoder" for m in modules.values())
+    return InitLora(path, header, modules, "sdxl" if sdxl else "sd" if has_te else None)
 
 
 def _unknown_keys_message(path: Path, unknown: list[str]) -> str:
     examples = ", ".join(unknown[:3])
-    if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in unknown):
-        return (f"{path.name} is an SDXL LoRA (keys like {examples}); this trainer trains SD1.x/SD2.x: choose a "
-                f"LoRA trained on this base model's family, {_FROM_ZERO}")
     if any(re.search(r"(lora_[AB]|lora\.(down|up))\.weight$", k) for k in unknown):
         return (f"{path.name} uses diffusers/peft key names (e.g. {examples}), which the pack's LoRA loader does "
                 "not read either; convert it to the kohya layout (lora_unet_* / lora_te_* keys), use a LoRA "
@@ -340,10 +355,16 @@ def _used_parts(config: Any) -> list[str]:
     return ["unet"] + (["text_encoder"] if config.train_text_encoder else [])
 
 
-def check_init_lora(init: InitLora, config: Any) -> list[tuple[str, str]]:
-    """Check what the header alone shows (kinds of layers, ranks, alphas) against the settings, before
-    any model is loaded. One ConfigError names every problem with its fix; else (level, message) notes.
+def check_init_lora(init: InitLora, config: Any, spec: Family) -> list[tuple[str, str]]:
+    """Check what the header alone shows (model family, kinds of layers, ranks, alphas) against the base
+    model's family and the settings, before any model is loaded. One ConfigError names every problem with
+    its fix; else (level, message) notes.
     """
+    if init.text_encoders is not None and (init.text_encoders == "sdxl") != (spec.name == "sdxl"):
+        found = ("an SDXL LoRA (it has lora_te2_ layers)" if init.text_encoders == "sdxl"
+                 else "an SD1.x/SD2.x LoRA (one text encoder)")
+        raise _init_error(f"{init.path.name} is {found}, and the base model is {spec.label}: choose a LoRA trained on "
+                          f"this base model's family, {_FROM_ZERO}")
     notes: list[tuple[str, str]] = []
     te_in_file = init.part("text_encoder")
     if te_in_file and not config.train_text_encoder:
@@ -379,16 +400,16 @@ def check_init_lora(init: InitLora, config: Any) -> list[tuple[str, str]]:
     return notes
 
 
-def load_init_lora(init: InitLora, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
-                   config: Any) -> str:
+def load_init_lora(init: InitLora, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module],
+                   spec: Family, config: Any) -> str:
     """Copy ``init``'s weights into the freshly made LoRA layers; the status line that says so.
 
-    ``text_encoder`` is None when no text-encoder LoRA is trained. Runs ``check_init_lora`` first, then
+    ``text_encoders`` is empty when no text-encoder LoRA is trained. Runs ``check_init_lora`` first, then
     compares the file's layers and shapes with the model's: a file of another model family (or with
     layers this model does not have) is a ConfigError naming them.
     """
-    check_init_lora(init, config)
-    targets = kohya_modules(unet, text_encoder)
+    check_init_lora(init, config, spec)
+    targets = kohya_modules(unet, text_encoders, spec)
     problems: list[str] = []
     used: dict[str, InitModule] = {}
     for part in _used_parts(config):

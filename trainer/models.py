@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion 1.x / 2.x base models, offline only.
+"""Loading Stable Diffusion 1.x / 2.x / XL base models, offline only.
 
 A single-file checkpoint (what users keep in ComfyUI's ``models/checkpoints``) is converted with
 diffusers' own LDM converters, but the UNet, VAE and text-encoder *configs* are read off the
@@ -22,10 +22,11 @@ from typing import Any, BinaryIO
 import torch
 
 from .config import ConfigError
+from .families import Family, family
 from .fileio import sha256_file
 from .safetensors_file import SafetensorsFileError, read_tensor_into
 from .safetensors_file import read_header as read_safetensors_header
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, tokenizers_for
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,13 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
-SUPPORTED = "Stable Diffusion 1.x and 2.x (single-file .safetensors/.ckpt or a diffusers folder)"
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_LABEL_EMB = UNET_PREFIX + "label_emb.0.0.weight"
+SUPPORTED = "Stable Diffusion 1.x, 2.x and SDXL (single-file .safetensors/.ckpt or a diffusers folder)"
+# SDXL's UNet embeds each of its six size / crop numbers in this many channels (diffusers'
+# addition_time_embed_dim); with the 1280-wide pooled prompt that makes label_emb's 2816 inputs.
+SDXL_TIME_EMBED_DIM = 256
 # SD's standard noise schedule, shared by 1.x and 2.x.
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -52,10 +59,12 @@ def force_offline() -> None:
 
 @dataclass
 class BaseModel:
-    family: str  # "sd1" or "sd2"
+    family: str  # "sd1", "sd2" or "sdxl" (families.FAMILIES)
     prediction_type: str  # "epsilon" or "v_prediction"
-    tokenizer: Any
-    text_encoder: torch.nn.Module
+    tokenizers: list[Any]  # one per text encoder, in the model's order
+    # One per text encoder (SDXL: CLIP-L, OpenCLIP bigG); emptied when the prompts are cached and the
+    # encoders freed.
+    text_encoders: list[torch.nn.Module]
     unet: torch.nn.Module
     vae: torch.nn.Module
     noise_scheduler: Any
@@ -65,6 +74,10 @@ class BaseModel:
     @property
     def sha256(self) -> str:
         return self.sha256_future.result()
+
+    @property
+    def spec(self) -> Family:
+        return family(self.family)
 
 
 # --- reading checkpoints ---------------------------------------------------------------------------
@@ -179,10 +192,10 @@ def read_state_dict(path: Path, *, load_dtype: torch.dtype | None = None) -> Map
 
 
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """'sd1' or 'sd2' from tensor names and shapes; anything else is a clear error."""
+    """'sd1', 'sd2' or 'sdxl' from tensor names and shapes; anything else is a clear error."""
     keys = shapes.keys()
-    if any(k.startswith("conditioner.embedders.1") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in shapes:
-        raise ConfigError("pretrained_model", f"this is an SDXL checkpoint; supported: {SUPPORTED}.")
+    if SDXL_LABEL_EMB in shapes or any(k.startswith("conditioner.embedders.") for k in keys):
+        return _detect_sdxl(shapes)
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         family = "Flux/SD3/other DiT" if any(k.startswith(("double_blocks", "joint_blocks", "model.diffusion_model.joint")) for k in keys) else "unknown"
         raise ConfigError("pretrained_model", f"no Stable Diffusion UNet found (looks like: {family}); supported: {SUPPORTED}.")
@@ -200,9 +213,34 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     )
 
 
+def _detect_sdxl(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    keys = shapes.keys()
+    has_l = any(k.startswith(SDXL_CLIP_L_PREFIX) for k in keys)
+    has_g = any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in keys)
+    if not (has_l and has_g):
+        # The refiner has only the OpenCLIP encoder; a UNet-only file has neither.
+        what = "the SDXL refiner" if has_g else "an SDXL file without its text encoders"
+        raise ConfigError("pretrained_model", f"this looks like {what}; DreamBooth needs the SDXL base model with "
+                                              f"both text encoders (CLIP-L and OpenCLIP bigG). Supported: {SUPPORTED}.")
+    label = shapes.get(SDXL_LABEL_EMB)
+    context = [s for k, s in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
+    if label is None or not context or context[0][1] != 2048:
+        raise ConfigError("pretrained_model", f"unsupported SDXL variant (UNet without SDXL's size conditioning or "
+                                              f"2048-wide cross-attention); supported: {SUPPORTED}.")
+    return "sdxl"
+
+
 def detect_prediction_type(state_dict: Mapping[str, torch.Tensor], family: str) -> str:
     if family == "sd1":
         return "epsilon"
+    if family == "sdxl":
+        keys = state_dict.keys()
+        if "edm_mean" in keys or any(k.startswith("edm_vpred.") for k in keys):
+            raise ConfigError("pretrained_model", "EDM-schedule SDXL models (Playground v2.5, EDM v-prediction "
+                                                  "fine-tunes) are not supported; use an epsilon or v-prediction "
+                                                  "SDXL model.")
+        # The marker key SDXL v-prediction fine-tunes carry (ComfyUI reads the same one).
+        return "v_prediction" if "v_pred" in keys else "epsilon"
     # The heuristic ComfyUI uses: SD2 768-v models have a much wider spread in the first norm bias
     # of the last output block's transformer. ComfyUI names output_blocks.11, which is the last
     # block of every real SD2 UNet (4 levels x 3 blocks), so reading the last block present gives
@@ -251,8 +289,14 @@ def unet_config_from_ldm(sd: Mapping[str, torch.Tensor], family: str) -> dict[st
     down = ["CrossAttnDownBlock2D" if lv["attn"] else "DownBlock2D" for lv in levels]
     up = ["CrossAttnUpBlock2D" if lv["attn"] else "UpBlock2D" for lv in reversed(levels)]
     has_mid_attn = f"{p}middle_block.1.proj_in.weight" in sd
+    extra: dict[str, Any] = {}
+    if family == "sdxl":
+        label_inputs = sd[SDXL_LABEL_EMB].shape[1]
+        extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+                 "projection_class_embeddings_input_dim": label_inputs}
     return {
-        "sample_size": 64 if family == "sd1" else 96,
+        **extra,
+        "sample_size": {"sd1": 64, "sd2": 96}.get(family, 128),
         "in_channels": in_channels,
         "out_channels": sd[p + "out.2.weight"].shape[0],
         "down_block_types": down,
@@ -282,47 +326,69 @@ def vae_config_from_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         "layers_per_block": n_res,
         "latent_channels": sd[p + "conv_out.weight"].shape[0] // 2,
         "sample_size": 512,
-        "scaling_factor": 0.18215,
+        "scaling_factor": 0.18215,  # SDXL's 0.13025 is set by the caller, which knows the family
     }
 
 
-def _text_encoder_from_ldm(sd: Mapping[str, torch.Tensor], family: str) -> torch.nn.Module:
+def _text_encoders_from_ldm(sd: Mapping[str, torch.Tensor], family: str) -> list[torch.nn.Module]:
+    """The family's text encoders, configs read off the tensor shapes: SD1 CLIP-L; SD2 OpenCLIP ViT-H
+    (penultimate layer); SDXL CLIP-L and OpenCLIP bigG with its projection (the pooled embedding)."""
+    if family == "sd1":
+        return [_clip_l_from_ldm(sd, CLIP_L_PREFIX)]
+    if family == "sd2":
+        return [_open_clip_from_ldm(sd, OPEN_CLIP_PREFIX, penultimate=True)]
+    return [_clip_l_from_ldm(sd, SDXL_CLIP_L_PREFIX), _open_clip_from_ldm(sd, SDXL_OPEN_CLIP_PREFIX, penultimate=False)]
+
+
+def _clip_l_from_ldm(sd: Mapping[str, torch.Tensor], prefix: str) -> torch.nn.Module:
     from diffusers.loaders import single_file_utils as sfu
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if family == "sd1":
-        converted = sfu.convert_ldm_clip_checkpoint(sd)
-        hidden = converted["text_model.embeddings.token_embedding.weight"].shape[1]
-        n_layers = _count(list(converted), r"text_model\.encoder\.layers\.(\d+)\.")
-        config = CLIPTextConfig(
-            vocab_size=converted["text_model.embeddings.token_embedding.weight"].shape[0],
-            hidden_size=hidden,
-            intermediate_size=converted["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-            num_hidden_layers=n_layers,
-            num_attention_heads=hidden // 64,
-            max_position_embeddings=converted["text_model.embeddings.position_embedding.weight"].shape[0],
-            hidden_act="quick_gelu",
-            projection_dim=hidden,
-        )
-    else:
-        width = sd[OPEN_CLIP_PREFIX + "token_embedding.weight"].shape[1]
-        n_blocks = _count(list(sd), rf"{re.escape(OPEN_CLIP_PREFIX)}transformer\.resblocks\.(\d+)\.")
-        # SD2 conditions on the penultimate layer: diffusers drops the last block, as here.
-        config = CLIPTextConfig(
-            vocab_size=sd[OPEN_CLIP_PREFIX + "token_embedding.weight"].shape[0],
-            hidden_size=width,
-            intermediate_size=sd[OPEN_CLIP_PREFIX + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            num_hidden_layers=n_blocks - 1,
-            num_attention_heads=width // 64,
-            max_position_embeddings=sd[OPEN_CLIP_PREFIX + "positional_embedding"].shape[0],
-            hidden_act="gelu",
-            projection_dim=512,
-        )
-        with torch.device("meta"):
-            probe = CLIPTextModel(config)
-        converted = sfu.convert_open_clip_checkpoint(probe, sd)
+    converted = sfu.convert_ldm_clip_checkpoint(sd, remove_prefix=prefix)
+    hidden = converted["text_model.embeddings.token_embedding.weight"].shape[1]
+    n_layers = _count(list(converted), r"text_model\.encoder\.layers\.(\d+)\.")
+    config = CLIPTextConfig(
+        vocab_size=converted["text_model.embeddings.token_embedding.weight"].shape[0],
+        hidden_size=hidden,
+        intermediate_size=converted["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=n_layers,
+        num_attention_heads=hidden // 64,
+        max_position_embeddings=converted["text_model.embeddings.position_embedding.weight"].shape[0],
+        hidden_act="quick_gelu",
+        projection_dim=hidden,
+    )
     with torch.device("meta"):
         model = CLIPTextModel(config)
+    _load_into(model, converted, what="text encoder")
+    return model
+
+
+def _open_clip_from_ldm(sd: Mapping[str, torch.Tensor], prefix: str, *, penultimate: bool) -> torch.nn.Module:
+    """An OpenCLIP text tower as transformers' CLIP. ``penultimate``: SD2 conditions on the penultimate
+    layer and diffusers drops the last block, as here; SDXL keeps every block, because its pooled
+    embedding is the last layer's end token through ``text_projection``."""
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    width = sd[prefix + "token_embedding.weight"].shape[1]
+    n_blocks = _count(list(sd), rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
+    projection = sd[prefix + "text_projection"].shape[1] if prefix + "text_projection" in sd else 512
+    config = CLIPTextConfig(
+        vocab_size=sd[prefix + "token_embedding.weight"].shape[0],
+        hidden_size=width,
+        intermediate_size=sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        num_hidden_layers=n_blocks - 1 if penultimate else n_blocks,
+        num_attention_heads=width // 64,
+        max_position_embeddings=sd[prefix + "positional_embedding"].shape[0],
+        hidden_act="gelu",
+        projection_dim=projection,
+    )
+    cls = CLIPTextModel if penultimate else CLIPTextModelWithProjection
+    with torch.device("meta"):
+        probe = cls(config)
+    converted = sfu.convert_open_clip_checkpoint(probe, sd, prefix=prefix)
+    with torch.device("meta"):
+        model = cls(config)
     _load_into(model, converted, what="text encoder")
     return model
 
@@ -432,7 +498,7 @@ class _SingleFileSource:
         from diffusers import AutoencoderKL
         from diffusers.loaders import single_file_utils as sfu
 
-        cfg = vae_config_from_ldm(self.sd)
+        cfg = {**vae_config_from_ldm(self.sd), "scaling_factor": family(self.family).vae_scaling}
         with torch.device("meta"):
             vae = AutoencoderKL(**cfg)
         source: Mapping[str, torch.Tensor] = self.sd
@@ -448,10 +514,10 @@ class _SingleFileSource:
         self._release()
         return vae
 
-    def text_encoder(self) -> torch.nn.Module:
-        model = _text_encoder_from_ldm(self.sd, self.family)
+    def text_encoders(self) -> list[torch.nn.Module]:
+        models = _text_encoders_from_ldm(self.sd, self.family)
         self._release()
-        return model
+        return models
 
 
 class _DiffusersFolderSource:
@@ -463,9 +529,16 @@ class _DiffusersFolderSource:
             raise ConfigError("pretrained_model", f"{path} is not a diffusers model folder (missing {', '.join(missing)}/).")
         self.path = path
         unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", local_files_only=True)
-        if unet_config.get("cross_attention_dim") not in (768, 1024) or unet_config.get("addition_embed_type"):
+        context, addition = unet_config.get("cross_attention_dim"), unet_config.get("addition_embed_type")
+        if context == 2048 and addition == "text_time":
+            if not (path / "text_encoder_2").is_dir():
+                raise ConfigError("pretrained_model", f"{path} is an SDXL folder without text_encoder_2/ (the refiner?); "
+                                                      "DreamBooth needs the SDXL base model with both text encoders.")
+            self.family = "sdxl"
+        elif context in (768, 1024) and not addition:
+            self.family = "sd1" if context == 768 else "sd2"
+        else:
             raise ConfigError("pretrained_model", f"unsupported UNet in {path}; supported: {SUPPORTED}.")
-        self.family = "sd1" if unet_config["cross_attention_dim"] == 768 else "sd2"
         self.prediction = "epsilon"
         sched = path / "scheduler" / "scheduler_config.json"
         if sched.is_file():
@@ -485,10 +558,14 @@ class _DiffusersFolderSource:
             drop_vae_decoder(vae)
         return vae
 
-    def text_encoder(self) -> torch.nn.Module:
-        from transformers import CLIPTextModel
+    def text_encoders(self) -> list[torch.nn.Module]:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        return CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", local_files_only=True)
+        first = CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", local_files_only=True)
+        if self.family != "sdxl":
+            return [first]
+        return [first, CLIPTextModelWithProjection.from_pretrained(self.path, subfolder="text_encoder_2",
+                                                                   local_files_only=True)]
 
 
 class ModelSource:
@@ -512,6 +589,10 @@ class ModelSource:
         self.family = self._impl.family
         self.prediction_type = self._impl.prediction if prediction_type == "auto" else prediction_type
 
+    @property
+    def spec(self) -> Family:
+        return family(self.family)
+
     @staticmethod
     def _frozen(module: torch.nn.Module) -> torch.nn.Module:
         module.requires_grad_(False)
@@ -524,21 +605,22 @@ class ModelSource:
     def vae(self, *, decoder: bool = True) -> torch.nn.Module:
         return self._frozen(self._impl.vae(decoder))
 
-    def text_encoder(self) -> torch.nn.Module:
-        return self._frozen(self._impl.text_encoder())
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The family's text encoders in the model's order (SDXL: CLIP-L, then OpenCLIP bigG)."""
+        return [self._frozen(m) for m in self._impl.text_encoders()]
 
-    def tokenizer(self) -> Any:
-        return load_tokenizer(self.family)
+    def tokenizers(self) -> list[Any]:
+        return tokenizers_for(self.family)
 
     def noise_scheduler(self) -> Any:
         from diffusers import DDPMScheduler
 
         return DDPMScheduler(**SCHEDULER_CONFIG, prediction_type=self.prediction_type)
 
-    def assemble(self, *, text_encoder: Any, unet: Any, vae: Any) -> BaseModel:
+    def assemble(self, *, text_encoders: list[torch.nn.Module], unet: Any, vae: Any) -> BaseModel:
         logger.info("loaded %s (%s, %s)", self.name, self.family, self.prediction_type)
-        return BaseModel(family=self.family, prediction_type=self.prediction_type, tokenizer=self.tokenizer(),
-                         text_encoder=text_encoder, unet=unet, vae=vae, noise_scheduler=self.noise_scheduler(),
+        return BaseModel(family=self.family, prediction_type=self.prediction_type, tokenizers=self.tokenizers(),
+                         text_encoders=text_encoders, unet=unet, vae=vae, noise_scheduler=self.noise_scheduler(),
                          name=self.name, sha256_future=self.sha256_future)
 
 
@@ -585,4 +667,4 @@ def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
 def load_base_model(pretrained: str, *, prediction_type: str = "auto", cache_dir: Path | None = None) -> BaseModel:
     """Load tokenizer, text encoder, UNet, VAE and the training noise scheduler, on the CPU in fp32."""
     source = ModelSource(pretrained, prediction_type=prediction_type, cache_dir=cache_dir)
-    return source.assemble(text_encoder=source.text_encoder(), unet=source.unet(), vae=source.vae())
+    return source.assemble(text_encoders=source.text_encoders(), unet=source.unet(), vae=source.vae())

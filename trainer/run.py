@@ -27,6 +27,7 @@ from . import buckets as bucketing
 from .config import ConfigError, TrainConfig
 from .fileio import long_path
 from .models import BaseModel, ModelSource, drop_vae_decoder
+from .prompts import Conditioning, encode_prompts, size_ids, token_ids, unet_kwargs
 from .protocol import Commands, EventWriter, StopRequested
 from .run_folder import sample_path
 from .runtime import Runtime, free_accelerator_memory, peak_memory_gb, resolve_runtime, upcast_attention
@@ -134,7 +135,7 @@ class TrainingRun:
         if self.full:
             full_finetune.check_source(cfg.pretrained_model, self.source.family, cfg.train_text_encoder)
         self.init_lora = lora.open_init_lora(cfg.init_lora) if cfg.init_lora else None
-        for level, message in lora.check_init_lora(self.init_lora, cfg) if self.init_lora else []:
+        for level, message in lora.check_init_lora(self.init_lora, cfg, self.source.spec) if self.init_lora else []:
             self.events.status(message, level=level)
         self.init_lora_sha256 = identity.init_lora_fingerprint(cfg)
 
@@ -198,26 +199,32 @@ class TrainingRun:
         cfg = self.config
         self.events.status(f"loading {Path(cfg.pretrained_model).name}")
         source = self.source
-        self.tokenizer = source.tokenizer()
+        self.tokenizers = source.tokenizers()
         # A full fine-tune trains the weights themselves: they stay in fp32 (autocast computes in half
         # precision); a LoRA training keeps the frozen base in the run's weight dtype.
         trained_dtype = torch.float32 if self.full else self.runtime.weight_dtype
         te_dtype = trained_dtype if cfg.train_text_encoder else self.runtime.weight_dtype
-        text_encoder: torch.nn.Module | None = source.text_encoder().to(self.device, dtype=te_dtype)
+        text_encoders = [te.to(self.device, dtype=te_dtype) for te in source.text_encoders()]
         self.commands.check_stop()  # each component takes seconds to minutes: a stop need not wait for all
-        self.token_ids = {p: self._tokenize([p])[0] for p in self._training_prompts()}
-        self.embedding_cache: dict[str, torch.Tensor] | None = None
+        self.token_ids = {p: token_ids(self.tokenizers, p) for p in self._training_prompts()}
+        self.embedding_cache: dict[str, Conditioning] | None = None
         if not cfg.train_text_encoder and not cfg.validation_prompts and not cfg.with_prior_preservation:
-            self._cache_embeddings(text_encoder)
-            text_encoder = None  # 123M parameters that training without samples never uses again
+            self._cache_embeddings(text_encoders)
+            # Training without samples never uses them again: 123M parameters (SD1.5), 818M (SDXL).
+            text_encoders = []
             free_accelerator_memory()
         self.commands.check_stop()
         unet = source.unet(channels_last=self.runtime.channels_last).to(self.device, dtype=trained_dtype)
         self.commands.check_stop()
         needs_decoder = bool(cfg.validation_prompts) or cfg.with_prior_preservation
+        # The VAE always runs in fp32 (it is never trained): SDXL's overflows to NaN in fp16, and the
+        # encode is a one-off cost with cached latents.
         vae = source.vae(decoder=needs_decoder).to(self.device)
+        if not source.spec.vae_fp16_safe and self.runtime.weight_dtype != torch.float32:
+            self.events.status(f"{source.spec.label} VAE: latents encoded and samples decoded in fp32 (it overflows "
+                               "in fp16)")
         self.vae_scaling = float(vae.config.scaling_factor)
-        self.base: BaseModel = source.assemble(text_encoder=text_encoder, unet=unet, vae=vae)
+        self.base: BaseModel = source.assemble(text_encoders=text_encoders, unet=unet, vae=vae)
         if upcast_attention(unet, self.base.family):
             logger.info("%s: attention computed in fp32 (upcast_attention), as its reference code does",
                         self.base.family)
@@ -229,8 +236,15 @@ class TrainingRun:
         return sorted(set(self.captions) | ({cfg.class_prompt} if cfg.with_prior_preservation else set()))
 
     @torch.no_grad()
-    def _cache_embeddings(self, text_encoder: torch.nn.Module) -> None:
-        self.embedding_cache = {p: text_encoder(ids[None].to(self.device))[0][0] for p, ids in self.token_ids.items()}
+    def _cache_embeddings(self, text_encoders: list[torch.nn.Module]) -> None:
+        self.embedding_cache = {p: self._encode(text_encoders, [p]).row(0) for p in self.token_ids}
+
+    def _encode(self, text_encoders: list[torch.nn.Module], prompts: list[str]) -> Conditioning:
+        for p in prompts:
+            if p not in self.token_ids:
+                self.token_ids[p] = token_ids(self.tokenizers, p)
+        ids = [torch.stack([self.token_ids[p][i] for p in prompts]).to(self.device) for i in range(len(self.tokenizers))]
+        return encode_prompts(self.source.spec, text_encoders, ids)
 
     def prepare_class_images(self) -> None:
         cfg = self.config
@@ -296,10 +310,10 @@ class TrainingRun:
             self.base.vae = None  # every latent is cached: give its memory back before training
             free_accelerator_memory()
         if not cfg.train_text_encoder and self.embedding_cache is None:
-            self._cache_embeddings(self.base.text_encoder)
+            self._cache_embeddings(self.base.text_encoders)
             if not cfg.validation_prompts:
                 # Only the cached embeddings are needed from here on: 123M parameters freed.
-                self.base.text_encoder = None  # type: ignore[assignment]
+                self.base.text_encoders = []
                 free_accelerator_memory()
 
     def _class_in_bucket(self, index: int, bucket: bucketing.Bucket) -> torch.Tensor:
@@ -308,18 +322,13 @@ class TrainingRun:
         square = data.tensor_to_image(self.class_prepared[index].pixels)
         return data.image_to_tensor(data.crop_image(square, bucket, crop="center")[0])
 
-    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                   truncation=True, return_tensors="pt").input_ids
-
     def setup_training(self) -> None:
         """Make what is trained trainable (LoRA layers, or every weight), then the optimizer and schedule."""
         cfg = self.config
         groups = self._full_groups() if self.full else self._lora_groups()
         if cfg.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
-            if cfg.train_text_encoder:
-                te = self.base.text_encoder
+            for te in self.base.text_encoders if cfg.train_text_encoder else []:
                 # transformers 5.x renamed it (the old name goes in 6.x); 4.x only has the old one.
                 if hasattr(te, "activation_checkpointing_enable"):
                     te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -331,10 +340,11 @@ class TrainingRun:
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
                                           num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=cfg.max_train_steps)
-        models = [self.base.unet] + ([self.base.text_encoder] if cfg.train_text_encoder else [])
+        trained_tes = self.base.text_encoders if cfg.train_text_encoder else []
+        models = [self.base.unet, *trained_tes]
         prepared = self.accelerator.prepare(*models, self.optimizer)
         self.unet, *rest = prepared
-        self.text_encoder = rest[0] if cfg.train_text_encoder else self.base.text_encoder
+        self.text_encoders = rest[:-1] if cfg.train_text_encoder else self.base.text_encoders
         self.optimizer = rest[-1]
         self.trainable_models = models
 
@@ -343,7 +353,8 @@ class TrainingRun:
         n_unet = sum(p.numel() for p in self.base.unet.parameters())
         groups = [{"params": self._all_params(self.base.unet), "lr": cfg.learning_rate}]
         if cfg.train_text_encoder:
-            groups.append({"params": self._all_params(self.base.text_encoder), "lr": cfg.text_encoder_lr})
+            groups.append({"params": [p for te in self.base.text_encoders for p in self._all_params(te)],
+                           "lr": cfg.text_encoder_lr})
         self.events.status(f"full fine-tune: all {n_unet / 1e6:.0f}M UNet weights"
                            + (" and the text encoder's" if cfg.train_text_encoder else "") + " are trained")
         return groups
@@ -362,12 +373,15 @@ class TrainingRun:
         groups = [{"params": self._lora_params(self.base.unet), "lr": cfg.learning_rate}]
         if cfg.train_text_encoder:
             assert cfg.text_encoder_rank is not None and cfg.text_encoder_alpha is not None
-            lora.add_lora(self.base.text_encoder, rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
-                          targets=lora.TEXT_ENCODER_TARGETS[cfg.text_encoder_target], dropout=cfg.lora_dropout)
-            groups.append({"params": self._lora_params(self.base.text_encoder), "lr": cfg.text_encoder_lr})
+            # One parameter group for every text encoder (SDXL: both), at text_encoder_lr.
+            for te in self.base.text_encoders:
+                lora.add_lora(te, rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
+                              targets=lora.TEXT_ENCODER_TARGETS[cfg.text_encoder_target], dropout=cfg.lora_dropout)
+            groups.append({"params": [p for te in self.base.text_encoders for p in self._lora_params(te)],
+                           "lr": cfg.text_encoder_lr})
         if self.init_lora is not None:  # before resume: a checkpoint of this training holds later weights
-            te = self.base.text_encoder if cfg.train_text_encoder else None
-            self.events.status(lora.load_init_lora(self.init_lora, self.base.unet, te, cfg))
+            te = self.base.text_encoders if cfg.train_text_encoder else []
+            self.events.status(lora.load_init_lora(self.init_lora, self.base.unet, te, self.base.spec, cfg))
         return groups
 
     def _lora_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -425,15 +439,16 @@ class TrainingRun:
     def _named_models(self) -> list[tuple[str, torch.nn.Module]]:
         named = [("unet.", self.accelerator.unwrap_model(self.unet))]
         if self.config.train_text_encoder:
-            named.append(("text_encoder.", self.accelerator.unwrap_model(self.text_encoder)))
+            named += [(lora.TEXT_ENCODER_PARTS[i] + ".", self.accelerator.unwrap_model(te))
+                      for i, te in enumerate(self.text_encoders)]
         return named
 
     def _kohya(self) -> dict[str, torch.Tensor] | None:
         """The LoRA as a file's tensors; None for a full fine-tune (no LoRA until it is extracted)."""
         if self.full:
             return None
-        te = self.accelerator.unwrap_model(self.text_encoder) if self.config.train_text_encoder else None
-        return lora.kohya_state_dict(self.accelerator.unwrap_model(self.unet), te,
+        tes = [self.accelerator.unwrap_model(te) for te in self.text_encoders] if self.config.train_text_encoder else []
+        return lora.kohya_state_dict(self.accelerator.unwrap_model(self.unet), tes, self.base.spec,
                                      lora.SAVE_DTYPES[self.config.save_precision])
 
     def save_checkpoint(self) -> Path | None:
@@ -529,7 +544,8 @@ class TrainingRun:
         lora_path = Path(cfg.extracted_lora_path) if cfg.extract_lora_rank else None
         if self.accelerator.is_main_process:
             unet = self.accelerator.unwrap_model(self.unet)
-            te = self.accelerator.unwrap_model(self.text_encoder) if cfg.train_text_encoder else None
+            # check_source allows a text encoder in a full fine-tune of SD1.x only: there is one.
+            te = self.accelerator.unwrap_model(self.text_encoders[0]) if cfg.train_text_encoder else None
             self.events.status(f"saving the fine-tuned model as {path.name}")
             dtype = lora.SAVE_DTYPES[cfg.save_precision]
             meta = full_finetune.checkpoint_metadata(self._metadata())
@@ -542,7 +558,7 @@ class TrainingRun:
                 free_accelerator_memory()
                 pairs = [("lora_unet", self.source.unet().to(self.device), unet)]
                 if te is not None:
-                    pairs.append(("lora_te", self.source.text_encoder().to(self.device), te))
+                    pairs.append(("lora_te", self.source.text_encoders()[0].to(self.device), te))
                 extracted, layers = full_finetune.extract_lora(pairs, cfg.extract_lora_rank, dtype)
                 lora.write_safetensors_atomic(
                     extracted, lora_path, full_finetune.extracted_lora_metadata(
@@ -557,8 +573,8 @@ class TrainingRun:
 
     def _pipeline(self) -> Any:
         unet = self.accelerator.unwrap_model(getattr(self, "unet", self.base.unet))
-        te = self.accelerator.unwrap_model(getattr(self, "text_encoder", self.base.text_encoder))
-        return sampling.build_pipeline(self.base, unet, te, self.device)
+        tes = [self.accelerator.unwrap_model(te) for te in getattr(self, "text_encoders", self.base.text_encoders)]
+        return sampling.build_pipeline(self.base, unet, tes, self.device)
 
     def _main_process_first(self, fn: Any) -> Any:
         with self.accelerator.main_process_first():
@@ -571,7 +587,7 @@ class TrainingRun:
             return
         try:
             pipe = self._pipeline()
-            with sampling.inference_state(pipe.unet, pipe.text_encoder, pipe.vae):
+            with sampling.inference_state(*sampling.pipeline_modules(pipe)):
                 for i, prompt in enumerate(cfg.validation_prompts):
                     image = sampling.generate(pipe, prompt, negative_prompt=cfg.validation_negative_prompt,
                                               seed=cfg.validation_seed + i, steps=cfg.validation_inference_steps,
@@ -638,18 +654,20 @@ class TrainingRun:
         std = torch.stack([r[1] for r in rows])
         return mean + std * torch.randn(mean.shape, generator=gen).to(self.device, mean.dtype)
 
-    def _embeddings(self, prompts: list[str]) -> torch.Tensor:
+    def _embeddings(self, prompts: list[str]) -> Conditioning:
         if self.embedding_cache is not None:
-            return torch.stack([self.embedding_cache[p] for p in prompts])
-        for p in prompts:
-            if p not in self.token_ids:
-                self.token_ids[p] = self._tokenize([p])[0]
-        ids = torch.stack([self.token_ids[p] for p in prompts]).to(self.device)
-        return self.text_encoder(ids)[0]
+            return Conditioning.stack([self.embedding_cache[p] for p in prompts])
+        return self._encode(self.text_encoders, prompts)
+
+    def _size_ids(self, geometry: list[bucketing.CropGeometry]) -> torch.Tensor | None:
+        """SDXL's per-image size conditioning, from each sample's real crop; None for SD1.x/2.x."""
+        if not self.base.spec.size_conditioning:
+            return None
+        return torch.stack([size_ids(g.original_size, g.crop_top_left, g.target_size) for g in geometry])
 
     def loss_for_micro_batch(self, micro: int) -> tuple[torch.Tensor, float, float]:
         cfg = self.config
-        latents, prompts, _geometry = self._batch(micro)  # geometry: for SDXL's size conditioning
+        latents, prompts, geometry = self._batch(micro)
         gen = torch.Generator(device="cpu").manual_seed(derived_seed(cfg.seed, micro, self.rank, "noise"))
         noise = torch.randn(latents.shape, generator=gen)
         if cfg.noise_offset:
@@ -659,7 +677,8 @@ class TrainingRun:
         noise, timesteps = noise.to(self.device, latents.dtype), timesteps.to(self.device)
         noisy = sched.add_noise(latents, noise, timesteps)
         with self.accelerator.autocast():
-            pred = self.unet(noisy.to(self.runtime.weight_dtype), timesteps, self._embeddings(prompts)).sample
+            cond = unet_kwargs(self.base.spec, self._embeddings(prompts), self._size_ids(geometry))
+            pred = self.unet(noisy.to(self.runtime.weight_dtype), timesteps, **cond).sample
         target = noise if self.base.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
@@ -685,7 +704,7 @@ class TrainingRun:
             micro = self.step * accum + k
             with contextlib.ExitStack() as stack:
                 if k < accum - 1 and self.world > 1:
-                    for model in (self.unet, self.text_encoder) if cfg.train_text_encoder else (self.unet,):
+                    for model in (self.unet, *self.text_encoders) if cfg.train_text_encoder else (self.unet,):
                         stack.enter_context(self.accelerator.no_sync(model))
                 loss, inst, prior = self.loss_for_micro_batch(micro)
                 self.accelerator.backward(loss / accum)

@@ -25,17 +25,33 @@ from .protocol import StopRequested
 logger = logging.getLogger(__name__)
 
 
-def build_pipeline(base: BaseModel, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+def build_pipeline(base: BaseModel, unet: torch.nn.Module, text_encoders: list[torch.nn.Module],
                    device: torch.device) -> Any:
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    """diffusers' pipeline of the family (SDXL: StableDiffusionXLPipeline, which adds the pooled prompt
+    and size conditioning) around the run's own modules. The VAE is fp32 (the engine never casts it), so
+    SDXL's fp16 overflow cannot happen here."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG, steps_offset=1, prediction_type=base.prediction_type)
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if base.spec.size_conditioning:
+        first, second = text_encoders
+        pipe = StableDiffusionXLPipeline(
+            vae=base.vae, text_encoder=first, text_encoder_2=second, tokenizer=base.tokenizers[0],
+            tokenizer_2=base.tokenizers[1], unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=base.vae, text_encoder=text_encoders[0], tokenizer=base.tokenizers[0], unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def pipeline_modules(pipe: Any) -> list[torch.nn.Module]:
+    """The modules a sampler run must put in eval mode and hand back as they were (inference_state)."""
+    names = ("unet", "text_encoder", "text_encoder_2", "vae")
+    return [m for m in (getattr(pipe, n, None) for n in names) if m is not None]
 
 
 @contextlib.contextmanager
@@ -141,7 +157,7 @@ def ensure_class_images(folder: Path, count: int, make_pipe: Callable[[], Any], 
             {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps, "size": size}),
             "utf-8")
         pipe = make_pipe()
-        with inference_state(pipe.unet, pipe.text_encoder, pipe.vae):
+        with inference_state(*pipeline_modules(pipe)):
             for start in range(0, len(missing), batch_size):
                 batch = missing[start:start + batch_size]
                 images = generate_batch(pipe, prompt, negative_prompt=negative_prompt, seeds=[seed + i for i in batch],

@@ -1,4 +1,7 @@
-"""The CLIP tokenizer of SD1.x/2.x, read from the files the pack ships: the one place it is built.
+"""The CLIP tokenizers of SD1.x/2.x/XL, read from the files the pack ships: the one place they are built.
+
+Every family's encoders share CLIP's BPE vocabulary; they differ only in padding (SD1's CLIP pads with
+the end token, OpenCLIP with "!"). SDXL has one of each, in that order.
 
 Training (``models.py``) and the identifier checks (``identifiers.py``) share this tokenizer, so an
 identifier is judged by exactly the token ids the text encoder will see. transformers is imported
@@ -19,7 +22,8 @@ CLIP_MAX_LENGTH = 77
 
 @functools.cache
 def load_tokenizer(family: str = "sd1") -> Any:
-    """The CLIP tokenizer for ``family`` ("sd1" or "sd2"); read once per process (49k BPE merges)."""
+    """The CLIP tokenizer padding as ``family``'s encoder does ("sd1": CLIP-L, "sd2": OpenCLIP); read once
+    per process (49k BPE merges)."""
     from transformers import CLIPTokenizer
 
     # SD2's OpenCLIP pads with "!" (token 0) where SD1's CLIP pads with the end token.
@@ -29,3 +33,8 @@ def load_tokenizer(family: str = "sd1") -> Any:
     return CLIPTokenizer.from_pretrained(
         str(TOKENIZER_DIR), model_max_length=CLIP_MAX_LENGTH, local_files_only=True, **extra
     )
+
+
+def tokenizers_for(family: str) -> list[Any]:
+    """One tokenizer per text encoder of ``family`` ("sd1", "sd2", "sdxl"), in the model's order."""
+    return [load_tokenizer("sd1"), load_tokenizer("sd2")] if family == "sdxl" else [load_tokenizer(family)]
