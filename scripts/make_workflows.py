@@ -23,15 +23,18 @@ OUT_UI = REPO / "example_workflows"
 OUT_API = OUT_UI / "api"
 SD15 = "v1-5-pruned-emaonly.safetensors"
 CANNY = "control_v11p_sd15_canny.pth"
+SDXL = "sd_xl_base_1.0.safetensors"
+CANNY_SDXL = "controlnet-canny-sdxl-1.0.safetensors"
 PHOTOS = "my_subject"  # a folder under ComfyUI/input/
 LORA = "dreambooth/my_subject"
 
 logger = logging.getLogger("make_workflows")
 
 
-def _dataset(node_id: str) -> dict[str, Any]:
+def _dataset(node_id: str, resolution: int = 512, **inputs: Any) -> dict[str, Any]:
     return {node_id: {"class_type": "DreamBoothDataset", "_meta": {"title": "Subject photos"},
-                      "inputs": {"folder": PHOTOS, "instance_prompt": ["idn", 1], "resolution": 512}}}
+                      "inputs": {"folder": PHOTOS, "instance_prompt": ["idn", 1], "resolution": resolution,
+                                 **inputs}}}
 
 
 def _identifier() -> dict[str, Any]:
@@ -39,10 +42,11 @@ def _identifier() -> dict[str, Any]:
                     "inputs": {"class_noun": "dog", "index": 0}}}
 
 
-def _train(prior: bool) -> dict[str, Any]:
+def _train(prior: bool, ckpt: str = SD15, lora_name: str = LORA,
+           dataset: dict[str, Any] | None = None) -> dict[str, Any]:
     nodes: dict[str, Any] = {
         "train": {"class_type": "DreamBoothTrain", "_meta": {"title": "Train DreamBooth-LoRA"},
-                  "inputs": {"ckpt_name": SD15, "dataset": ["data", 0], "lora_name": LORA, "steps": 500,
+                  "inputs": {"ckpt_name": ckpt, "dataset": ["data", 0], "lora_name": lora_name, "steps": 500,
                              "validation_prompts": "a photo of fac dog on the beach\na fac dog in a bucket",
                              "validation_steps": 100, "checkpointing_steps": 100}},
         "crops": {"class_type": "PreviewImage", "_meta": {"title": "Training crops"},
@@ -56,10 +60,10 @@ def _train(prior: bool) -> dict[str, Any]:
                           "inputs": {"class_prompt": ["idn", 2], "num_class_images": 100,
                                      "prior_loss_weight": 1.0}}
         nodes["train"]["inputs"]["prior"] = ["prior", 0]
-    return {**_identifier(), **_dataset("data"), **nodes}
+    return {**_identifier(), **(dataset or _dataset("data")), **nodes}
 
 
-def _generate(lora_from: list[Any] | None) -> dict[str, Any]:
+def _generate(lora_from: list[Any] | None, ckpt: str = SD15, controlnet: str = CANNY) -> dict[str, Any]:
     loader_inputs: dict[str, Any] = {"model": ["ckpt", 0], "clip": ["ckpt", 1], "strength_model": 1.0,
                                      "strength_clip": 0.8}
     if lora_from is None:
@@ -67,10 +71,10 @@ def _generate(lora_from: list[Any] | None) -> dict[str, Any]:
     else:
         loader_inputs["lora"] = lora_from
     return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "lora": {"class_type": "DreamBoothLoraLoader", "_meta": {"title": "LoRA (UNet / text encoder)"},
                  "inputs": loader_inputs},
-        "cn": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CANNY}},
+        "cn": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": controlnet}},
         "pose": {"class_type": "LoadImage", "_meta": {"title": "Composition to follow"},
                  "inputs": {"image": "example.png"}},
         "gen": {"class_type": "DreamBoothControlNetGenerate", "_meta": {"title": "Generate with ControlNet"},
@@ -189,10 +193,20 @@ def _rank_sweep() -> dict[str, Any]:
     return nodes
 
 
+def _sdxl_train_then_generate() -> dict[str, Any]:
+    """SDXL end to end: 1024 px aspect-ratio buckets (portrait photos keep heads and feet), prior
+    preservation with class images from the frozen SDXL model, then an SDXL ControlNet."""
+    data = _dataset("data", resolution=1024, aspect_buckets=True)
+    nodes = _train(prior=True, ckpt=SDXL, lora_name=f"{LORA}_sdxl", dataset=data)
+    nodes.update(_generate(["train", 0], ckpt=SDXL, controlnet=CANNY_SDXL))
+    return nodes
+
+
 def workflows() -> dict[str, dict[str, Any]]:
     both = _train(prior=True)
     both.update(_generate(["train", 0]))
     return {
+        "dreambooth_sdxl_train_then_generate": _sdxl_train_then_generate(),
         "dreambooth_train_with_prior": _train(prior=True),
         "lora_split_strength_controlnet": _generate(None),
         "dreambooth_train_then_generate": both,

@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 from comfyui_dreambooth_lora.trainer import scores
 from dreambooth_test_support.paths import DREAMBENCH_DIR
-from dreambooth_test_support.tiny_models import tiny_clip_folder, tiny_dino_folder
+from dreambooth_test_support.tiny_models import (
+    tiny_clip_folder,
+    tiny_dino_folder,
+    tiny_sdxl_checkpoint,
+    tiny_sdxl_controlnet,
+)
 from PIL import Image
 from safetensors import safe_open
 
@@ -47,6 +52,7 @@ def load(kind: str, name: str) -> dict[str, Any]:
 
 def test_there_are_the_documented_workflows() -> None:
     assert NAMES == ["dreambooth_prior_preservation_on_off", "dreambooth_rank_sweep",
+                     "dreambooth_sdxl_train_then_generate",
                      "dreambooth_strength_guidance_sweep", "dreambooth_train_then_generate",
                      "dreambooth_train_with_prior", "dreambooth_training_length_sweep",
                      "lora_split_strength_controlnet"]
@@ -129,6 +135,38 @@ def test_one_graph_trains_and_generates(comfy_server, photo_folder: str) -> None
     images = comfy_server.output_files(result, "save")
     assert len(images) == 1 and Image.open(images[0]).size == (96, 64)
     assert len(comfy_server.output_files(result, "hint")) == 1
+
+
+@pytest.fixture(scope="module")
+def sdxl_models(comfy_server, comfyui_root: Path) -> tuple[str, str]:
+    """The tiny SDXL checkpoint and ControlNet in the server's model folders (ComfyUI lists files as
+    they appear, so the server need not restart)."""
+    ckpt, controlnet = "tiny-sdxl.safetensors", "tiny-sdxl-controlnet.safetensors"
+    comfy_server.add_model("checkpoints", tiny_sdxl_checkpoint(comfyui_root), ckpt)
+    comfy_server.add_model("controlnet", tiny_sdxl_controlnet(comfyui_root), controlnet)
+    return ckpt, controlnet
+
+
+@pytest.mark.slow
+def test_sdxl_trains_with_buckets_and_prior_then_generates_with_an_sdxl_controlnet(
+        comfy_server, photo_folder: str, sdxl_models: tuple[str, str]) -> None:
+    api = load("api", "dreambooth_sdxl_train_then_generate")
+    assert api["data"]["inputs"]["resolution"] == 1024 and api["data"]["inputs"]["aspect_buckets"] is True
+    ckpt, controlnet = sdxl_models
+    graph = demo.adapt_workflow(api, checkpoint=ckpt, controlnet=controlnet, folder=photo_folder,
+                                layout_image="wf_layout.png", resolution=64, steps=2, lora_name="wf/sdxl",
+                                num_class_images=2, sample_steps=2, output_prefix="wf/sdxl", rank=4)
+    result = comfy_server.run_prompt(graph, timeout=900).raise_for_status()
+    assert set(result.outputs) >= {"crops", "curve", "save", "hint"}, "every branch ran"
+    lora = Path(comfy_server.models_dir) / "loras" / "wf" / "sdxl.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_prior_loss_weight"] == "1.0"
+    assert any(k.startswith("lora_unet_") for k in keys)
+    if graph["train"]["inputs"]["train_text_encoder"]:
+        assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    images = comfy_server.output_files(result, "save")
+    assert len(images) == 1 and Image.open(images[0]).size == (96, 64), "size follows the layout image"
 
 
 def sweep(prompt: dict[str, Any], photos: str, lora_name: str, **grid: Any) -> dict[str, Any]:
