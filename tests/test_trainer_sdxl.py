@@ -152,6 +152,32 @@ def test_diffusers_sdxl_pipeline_loads_every_module(sdxl_run: tuple[RunResult, l
     assert (predict() - before).abs().mean() > 1e-3, "the LoRA changes the prediction"
 
 
+def test_an_fp16_sdxl_diffusers_folder_loads_like_the_single_file(tiny_sdxl_checkpoint: Path, tmp_path: Path) -> None:
+    single = ModelSource(str(tiny_sdxl_checkpoint))
+    folder = tmp_path / "tiny sdxl diffusers"
+    parts = {"unet": single.unet(), "vae": single.vae(), "text_encoder": single.text_encoders()[0],
+             "text_encoder_2": single.text_encoders()[1]}
+    for name, module in parts.items():  # fp16, as SDXL folders are usually shared
+        module.half().save_pretrained(folder / name)
+    (folder / "text_encoder_2").rename(folder / "hidden")
+    with pytest.raises(ConfigError, match="SDXL folder without text_encoder_2/"):
+        ModelSource(str(folder))
+    (folder / "hidden").rename(folder / "text_encoder_2")
+    source = ModelSource(str(folder))
+    assert source.family == "sdxl"
+    encoders, unet = source.text_encoders(), source.unet()
+    assert all(p.dtype == torch.float32 for m in (*encoders, unet) for p in m.parameters()), "fp32 on load"
+    assert source.vae().config.scaling_factor == 0.13025
+    ids = [i[None] for i in token_ids(source.tokenizers(), PROMPT)]
+    with torch.no_grad():
+        cond = encode_prompts(source.spec, encoders, ids)
+        expected = encode_prompts(single.spec, [parts["text_encoder"].float(), parts["text_encoder_2"].float()], ids)
+    # The folder holds the single file's weights rounded to fp16: the same conditioning up to that rounding.
+    torch.testing.assert_close(cond.hidden, expected.hidden, atol=0, rtol=0)
+    assert cond.pooled is not None and expected.pooled is not None
+    torch.testing.assert_close(cond.pooled, expected.pooled, atol=0, rtol=0)
+
+
 def test_family_mismatches_are_clear_errors(tmp_path: Path) -> None:
     sd1_lora = tmp_path / "sd1 lora.safetensors"
     layer = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"

@@ -547,13 +547,14 @@ class _DiffusersFolderSource:
     def unet(self, channels_last: bool) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", local_files_only=True)
+        # fp32 whatever the folder stores (SDXL folders are often fp16; transformers 5 keeps a file's dtype).
+        unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", local_files_only=True).float()
         return unet.to(memory_format=torch.channels_last) if channels_last else unet
 
     def vae(self, decoder: bool) -> torch.nn.Module:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", local_files_only=True).float()
         if not decoder:
             drop_vae_decoder(vae)
         return vae
@@ -561,11 +562,11 @@ class _DiffusersFolderSource:
     def text_encoders(self) -> list[torch.nn.Module]:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        first = CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", local_files_only=True)
+        first = CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", local_files_only=True).float()
         if self.family != "sdxl":
             return [first]
         return [first, CLIPTextModelWithProjection.from_pretrained(self.path, subfolder="text_encoder_2",
-                                                                   local_files_only=True)]
+                                                                   local_files_only=True).float()]
 
 
 class ModelSource:
