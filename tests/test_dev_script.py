@@ -142,13 +142,14 @@ def test_only_the_browser_leg_runs_the_browser_tests(dev: ModuleType, tmp_path: 
     monkeypatch.setattr(dev, "COMFYUI_033_DIR", comfyui)
     for name in ("main", "comfyui-0.33", "transformers4"):
         dev.LEGS[name](["-k", "lora"])
-    assert [args[args.index("-m") + 1] for args in seen] == ["not browser", "comfy and not browser",
+    assert [args[args.index("-m") + 1] for args in seen] == ["not browser", "comfy and not browser and not slow",
                                                              "not browser and not slow"]
     assert all(args[-2:] == ["-k", "lora"] for args in seen), "the user's arguments come last, so their -m wins"
 
     # The expressions against the real markers: the browser tests carry `browser` and nothing else selects them.
     browser_tests = str(DEV.parents[1] / "tests" / "test_browser_live_view.py")
-    for expression, collected in (("browser", True), ("not browser", False), ("comfy and not browser", False)):
+    for expression, collected in (("browser", True), ("not browser", False),
+                                  ("comfy and not browser and not slow", False)):
         proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", expression, browser_tests],
                               capture_output=True, text=True, timeout=120, check=False, cwd=DEV.parents[1])
         assert proc.returncode == (0 if collected else 5), (expression, proc.stdout[-2000:], proc.stderr[-2000:])
