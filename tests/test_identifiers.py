@@ -193,3 +193,17 @@ def test_node_rejects_empty_class_noun(comfy_server) -> None:  # noqa: ANN001
     _outputs, result = _identifier_outputs(comfy_server, {"class_noun": "  ", "index": 0, "identifier": ""})
     assert result.status == "error"
     assert "class_noun is empty" in str(result.error.get("exception_message"))
+
+
+def test_an_identifier_is_the_same_tokens_for_both_sdxl_encoders() -> None:
+    # SDXL's CLIP-L and OpenCLIP bigG share CLIP's vocabulary and differ only in padding, so one check
+    # of an identifier holds for both encoders.
+    first, second = clip_tokenizer.tokenizers_for("sdxl")
+    assert (first.pad_token, second.pad_token) == ("<|endoftext|>", "!")
+    for identifier in [*ids.candidate_identifiers()[:20], "sks", "ohwx", *NON_ASCII]:
+        prompt = ids.instance_prompt(identifier, "dog")
+        a = first(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        b = second(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        end = a.index(49407)
+        assert a[:end + 1] == b[:end + 1], identifier
+        assert set(a[end + 1:]) <= {49407} and set(b[end + 1:]) <= {0}
