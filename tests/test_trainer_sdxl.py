@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from comfyui_dreambooth_lora.trainer import families, lora, protocol
@@ -18,6 +19,7 @@ from comfyui_dreambooth_lora.trainer.models import ModelSource
 from comfyui_dreambooth_lora.trainer.prompts import encode_prompts, size_ids, token_ids, unet_kwargs
 from comfyui_dreambooth_lora.trainer.run import RunResult, train
 from dreambooth_test_support.paths import DREAMBENCH_DIR
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -69,14 +71,15 @@ def test_conditioning_and_unet_match_comfyui(tiny_sdxl_checkpoint: Path, comfyui
 @pytest.fixture(scope="module")
 def sdxl_run(tiny_sdxl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[RunResult, list[dict]]:
     """Two steps of UNet + both text-encoder LoRAs on every module kind, with a learning rate high enough
-    to make the LoRA's effect visible."""
+    to make the LoRA's effect visible, and a validation sample at the end (diffusers' SDXL pipeline)."""
     out = tmp_path_factory.mktemp("sdxl run")
     cfg = TrainConfig.from_dict({
         "pretrained_model": str(tiny_sdxl_checkpoint), "instance_data_dir": str(DREAMBENCH_DIR / "dog"),
         "instance_prompt": "a photo of qzx dog", "output_dir": str(out), "resolution": 64,
         "max_train_steps": 2, "rank": 4, "alpha": 8, "unet_target": "full", "train_text_encoder": True,
         "text_encoder_target": "attn_mlp", "learning_rate": 2e-2, "text_encoder_lr": 2e-2,
-        "cache_dir": str(out / "cache"),
+        "cache_dir": str(out / "cache"), "validation_prompts": ["a photo of qzx dog"],
+        "validation_inference_steps": 2,
     })
     stream = io.StringIO()
     result = train(cfg, protocol.EventWriter(stream), protocol.Commands())
@@ -98,6 +101,10 @@ def test_sdxl_lora_has_both_text_encoders_in_kohya_layout(sdxl_run: tuple[RunRes
     assert len(modules["lora_te1"]) == 12 * 6 and len(modules["lora_te2"]) == 32 * 6
     assert all(m.startswith("lora_te2_text_model_encoder_layers_") for m in modules["lora_te2"])
     assert any("label_emb" not in m and "conv1" in m for m in modules["lora_unet"])
+    (sample,) = [e for e in events if e["type"] == "sample"]
+    with Image.open(sample["path"]) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 1.0, "a real 64 px image, not a blank or NaN one"
     tensors = load_file(str(result.lora_path))
     assert torch.all(tensors[next(iter(modules["lora_te2"])) + ".alpha"] == 8)
     with safe_open(str(result.lora_path), "pt") as handle:
