@@ -18,6 +18,7 @@ import importlib.util
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..trainer.config import ConfigError, TrainConfig
@@ -187,8 +188,9 @@ class TrainOptions(Mapping[str, OptionValue]):
 
 @dataclass(frozen=True)
 class MemoryPreset:
-    """What a memory preset sets. Estimates of peak VRAM are for SD1.5 at 512 px without prior
-    preservation (which adds the class images to every batch) and have not been measured on a GPU."""
+    """What a memory preset sets. Estimates of peak VRAM are for the table's family at its resolution (SD1.5
+    at 512 px, SDXL at 1024 px) without prior preservation (which adds the class images to every batch) and
+    have not been measured on a GPU."""
 
     label: str
     train_batch_size: int
@@ -200,6 +202,7 @@ class MemoryPreset:
     cache_latents: bool
     device: str | None = None  # None: where ComfyUI computes
     peak_vram: str = ""
+    refused: str = ""  # a card this family does not fit on: the preset is an error saying so and what to pick
 
 
 CUSTOM_PRESET = "custom (the widgets above)"
@@ -211,21 +214,56 @@ MEMORY_PRESETS: tuple[MemoryPreset, ...] = (
     MemoryPreset("24 GB", 4, False, "adamw", True, 1024, "auto", True, peak_vram="about 18 GB"),
     MemoryPreset("CPU", 1, False, "adamw", True, 512, "no", True, device="cpu", peak_vram="none (RAM instead: about 10 GB)"),
 )
+# SDXL's UNet alone is 2.6B parameters (5.1 GB in half precision, against SD1.5's 1.7 GB) and it is trained at
+# 1024 px, so its table starts at 8 GB and keeps gradient checkpointing on everywhere; the SD1.5 table's 512 px
+# caps would lower an SDXL run to a resolution it gives blurry results at.
+SDXL_MEMORY_PRESETS: tuple[MemoryPreset, ...] = (
+    MemoryPreset("6 GB", 1, True, "adamw8bit", False, 1024, "auto", True,
+                 refused="an SDXL LoRA needs about 8 GB of VRAM or more: pick the 8 GB preset or a larger one "
+                         "(with a card that has it), or train an SD1.5 model on this card"),
+    MemoryPreset("8 GB", 1, True, "adamw8bit", False, 1024, "auto", True, peak_vram="about 7.5 GB"),
+    MemoryPreset("12 GB", 1, True, "adamw", False, 1024, "auto", True, peak_vram="about 9 GB"),
+    MemoryPreset("16 GB", 1, True, "adamw", True, 1024, "auto", True, peak_vram="about 11 GB"),
+    MemoryPreset("24 GB", 2, True, "adamw", True, 1024, "auto", True, peak_vram="about 14 GB"),
+    MemoryPreset("CPU", 1, False, "adamw", True, 1024, "no", True, device="cpu",
+                 peak_vram="none (RAM instead: about 32 GB)"),
+)
+# Model family (trainer.families names) -> its table. SD2.x keeps the SD1.5 one (same UNet size).
+FAMILY_PRESETS: dict[str, tuple[MemoryPreset, ...]] = {"sd1": MEMORY_PRESETS, "sd2": MEMORY_PRESETS,
+                                                        "sdxl": SDXL_MEMORY_PRESETS}
+_FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 PRESET_CHOICES = [CUSTOM_PRESET, *(p.label for p in MEMORY_PRESETS)]
 # Config keys a preset sets (besides lowering resolution): they replace the train node's widgets.
 PRESET_KEYS = ("train_batch_size", "gradient_checkpointing", "optimizer", "train_text_encoder", "mixed_precision",
                "cache_latents", "device")
 
 
-def preset(label: str) -> MemoryPreset | None:
-    """The preset of that label; None for custom. Unknown labels are an error naming the widget."""
+def preset(label: str, family: str = "sd1") -> MemoryPreset | None:
+    """The preset of that label in ``family``'s table; None for custom. Unknown labels are an error naming
+    the widget."""
     if label == CUSTOM_PRESET:
         return None
-    for item in MEMORY_PRESETS:
+    for item in FAMILY_PRESETS.get(family, MEMORY_PRESETS):
         if item.label == label:
             return item
     raise ValueError(f"memory_preset {label!r} is not one of {', '.join(map(repr, PRESET_CHOICES))}; pick one "
                      "in the list (the workflow may come from another version of this pack).")
+
+
+def checkpoint_family(path: Path) -> str:
+    """'sd1', 'sd2' or 'sdxl' from a .safetensors checkpoint's header (names and shapes only, no tensor is
+    read), to pick the memory preset table. 'sd1' where it cannot tell: a .ckpt would have to be unpickled
+    whole, and a file the trainer refuses is reported by the trainer with its own reason."""
+    if path.suffix.lower() != ".safetensors":
+        return "sd1"
+    from ..trainer.models import detect_family  # torch and friends: only when a preset is used
+    from ..trainer.safetensors_file import SafetensorsFileError, read_header
+
+    try:
+        header = read_header(path)
+        return detect_family({name: entry.shape for name, entry in header.tensors.items()})
+    except (SafetensorsFileError, ConfigError):
+        return "sd1"
 
 
 def bitsandbytes_installed() -> bool:
@@ -233,11 +271,20 @@ def bitsandbytes_installed() -> bool:
 
 
 def preset_table() -> list[str]:
-    """The README's preset table (a test holds the README to it)."""
-    lines = ["| memory_preset | batch | gradient checkpointing | optimizer | text encoder | max resolution "
-             "| mixed precision | cache latents | peak VRAM, SD1.5 at 512 px (estimate, not measured) |",
+    """The README's preset tables, SD1.5's then SDXL's with a blank line between (a test holds the README
+    to it)."""
+    return [*_table(MEMORY_PRESETS, "SD1.5 at 512 px"), "", *_table(SDXL_MEMORY_PRESETS, "SDXL at 1024 px")]
+
+
+def _table(presets: tuple[MemoryPreset, ...], what: str) -> list[str]:
+    first = "memory_preset" if presets is MEMORY_PRESETS else "memory_preset (SDXL)"
+    lines = [f"| {first} | batch | gradient checkpointing | optimizer | text encoder | max resolution "
+             f"| mixed precision | cache latents | peak VRAM, {what} (estimate, not measured) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for p in MEMORY_PRESETS:
+    for p in presets:
+        if p.refused:
+            lines.append(f"| {p.label} | refused: {p.refused} | - | - | - | - | - | - | - |")
+            continue
         optimizer = "adamw8bit with bitsandbytes on CUDA, else adamw" if p.optimizer == "adamw8bit" else p.optimizer
         precision = p.mixed_precision + (" (fp32)" if p.mixed_precision == "no" else "")
         lines.append(f"| {p.label} | {p.train_batch_size} | {_on(p.gradient_checkpointing)} | {optimizer} | "
@@ -270,14 +317,19 @@ class GraphValues:
         return dict(self.sources)
 
 
-def apply_preset(graph: GraphValues, label: str, *, bitsandbytes: bool, device_option: str | None = None) -> None:
-    """Set the preset's values over the train node's; builds the status line saying what it set.
+def apply_preset(graph: GraphValues, label: str, *, bitsandbytes: bool, device_option: str | None = None,
+                 family: str = "sd1") -> None:
+    """Set the preset's values, from ``family``'s table, over the train node's; builds the status line saying
+    what it set. A preset the family does not fit in is a ValueError saying what to pick instead.
 
     ``device_option``: the device an options node sets (it wins, so 8-bit AdamW is judged by it).
     """
-    chosen = preset(label)
+    chosen = preset(label, family)
     if chosen is None:
         return
+    family_label = _FAMILY_LABELS.get(family, family)
+    if chosen.refused:
+        raise ValueError(f"memory_preset {chosen.label!r} does not fit an {family_label} model: {chosen.refused}.")
     def where(key: str) -> str:
         return f"{_input_of(TRAIN_INPUTS, key)} (memory_preset {chosen.label!r})"
 
@@ -311,7 +363,9 @@ def apply_preset(graph: GraphValues, label: str, *, bitsandbytes: bool, device_o
         said.append(f"resolution {resolution} kept (at most {chosen.max_resolution})")
     if chosen.device is not None:
         said.append(f"device {chosen.device}")
-    graph.preset_status = f"memory preset {chosen.label}: " + ", ".join(said)
+    # SD1.x keeps the line it always had; other families say which table the values came from.
+    table = "" if FAMILY_PRESETS.get(family, MEMORY_PRESETS) is MEMORY_PRESETS else f" ({family_label} table)"
+    graph.preset_status = f"memory preset {chosen.label}{table}: " + ", ".join(said)
 
 
 def apply_options(graph: GraphValues, options: TrainOptions | None) -> None:
@@ -328,11 +382,12 @@ def apply_options(graph: GraphValues, options: TrainOptions | None) -> None:
 
 def assemble(*, node_filled: Mapping[str, Any], dataset: Mapping[str, Any], prior: Mapping[str, Any] | None,
              widgets: Mapping[str, Any], memory_preset: str = CUSTOM_PRESET, options: TrainOptions | None = None,
-             bitsandbytes: bool | None = None) -> GraphValues:
+             bitsandbytes: bool | None = None, family: str = "sd1") -> GraphValues:
     """All config values of one train node run, each with where it was set, in the documented order.
 
     ``dataset`` and ``prior`` are config key -> value from those nodes; ``widgets`` is the train node's
-    input name -> value (validation_prompts as the widget's text, one prompt per line).
+    input name -> value (validation_prompts as the widget's text, one prompt per line); ``family`` is the
+    base model's ('sd1', 'sd2', 'sdxl'), which picks the memory preset table.
     """
     graph = GraphValues()
     for key, value in node_filled.items():
@@ -351,7 +406,7 @@ def assemble(*, node_filled: Mapping[str, Any], dataset: Mapping[str, Any], prio
     if bitsandbytes is None:
         bitsandbytes = bitsandbytes_installed()
     device_option = options["device"].value if options and "device" in options else None
-    apply_preset(graph, memory_preset, bitsandbytes=bitsandbytes, device_option=device_option)
+    apply_preset(graph, memory_preset, bitsandbytes=bitsandbytes, device_option=device_option, family=family)
     apply_options(graph, options)
     if "identifier" not in graph.values and prior is not None:
         found = identifier_from_prompts(str(dataset.get("instance_prompt", "")), str(prior.get("class_prompt", "")))

@@ -180,8 +180,9 @@ def build_config(*, ckpt_path: Path, dataset: InstanceData, prior: PriorPreserva
                       "class_generation_steps": prior.class_generation_steps,
                       "class_generation_guidance": prior.class_generation_guidance,
                       "class_negative_prompt": prior.class_negative_prompt}
+    family = gs.checkpoint_family(ckpt_path) if memory_preset != gs.CUSTOM_PRESET else "sd1"
     graph = gs.assemble(node_filled=node_filled, dataset=from_dataset, prior=from_prior, widgets=settings,
-                        memory_preset=memory_preset, options=options)
+                        memory_preset=memory_preset, options=options, family=family)
     return gs.make_config(graph), graph
 
 
@@ -357,13 +358,17 @@ def _lr_input(name: str, config_key: str) -> io.Float.Input:
 
 _BY_PRESET = " A memory_preset other than custom replaces this value."
 _PRESET_TOOLTIP = (
-    "Memory settings for a graphics card of this size (SD1.x at 512 px). A preset replaces batch_size, "
+    "Memory settings for a graphics card of this size, from the checkpoint's family's table (SD1.x/SD2.x, or "
+    "SDXL at 1024 px, which needs 8 GB or more). A preset replaces batch_size, "
     "gradient_checkpointing, train_text_encoder and mixed_precision above, the optimizer (8-bit AdamW on the "
     "6 and 8 GB presets when bitsandbytes is installed and training runs on CUDA, else AdamW) and latent "
     "caching, and lowers the dataset's resolution to its maximum (never raises it); 'CPU' also trains on the "
     "CPU. Order, lowest first: engine defaults < the widgets above < memory_preset < options nodes. The "
-    "node's status line says what the preset set. "
+    "node's status line says what the preset set. SD1.x: "
     + "; ".join(f"{p.label}: batch {p.train_batch_size}, max {p.max_resolution} px" for p in gs.MEMORY_PRESETS)
+    + ". SDXL: " + "; ".join(f"{p.label}: refused" if p.refused else
+                              f"{p.label}: batch {p.train_batch_size}, max {p.max_resolution} px"
+                              for p in gs.SDXL_MEMORY_PRESETS)
     + "."
 )
 

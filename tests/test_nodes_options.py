@@ -193,6 +193,35 @@ def test_identifier_comes_from_the_prompts_when_prior_preservation_names_the_cla
 # --------------------------------------------------------------------------------------------- advice, docs
 
 
+def test_an_sdxl_checkpoint_gets_the_sdxl_presets(tiny_checkpoint: Path, tiny_sdxl_checkpoint: Path) -> None:
+    assert gs.checkpoint_family(tiny_sdxl_checkpoint) == "sdxl" and gs.checkpoint_family(tiny_checkpoint) == "sd1"
+    at_1024 = {**DATASET, "resolution": 1024}
+    assert graph(memory_preset="8 GB", dataset=at_1024).values["resolution"] == 512, "SD1.5's table caps at 512"
+
+    eight = graph(memory_preset="8 GB", dataset=at_1024, family="sdxl")
+    assert eight.values["resolution"] == 1024, "an SDXL run keeps the resolution it was trained at"
+    assert (eight.values["train_batch_size"], eight.values["gradient_checkpointing"], eight.values["optimizer"],
+            eight.values["train_text_encoder"], eight.values["mixed_precision"]) == (1, True, "adamw8bit", False, "auto")
+    assert eight.preset_status.startswith("memory preset 8 GB (SDXL table): batch 1, gradient checkpointing on, "
+                                          "optimizer adamw8bit, text encoder frozen"), eight.preset_status
+    assert "resolution 1024 kept (at most 1024)" in eight.preset_status
+    got = {label: (g.values["train_batch_size"], g.values["optimizer"], g.values["train_text_encoder"])
+           for label in ("12 GB", "16 GB", "24 GB")
+           for g in [graph(memory_preset=label, dataset=at_1024, family="sdxl")]}
+    assert got == {"12 GB": (1, "adamw", False), "16 GB": (1, "adamw", True), "24 GB": (2, "adamw", True)}
+    cpu = graph(memory_preset="CPU", dataset={**DATASET, "resolution": 1536}, family="sdxl")
+    assert cpu.values["device"] == "cpu" and cpu.values["mixed_precision"] == "no"
+    assert cpu.values["resolution"] == 1024 and "resolution 1536 lowered to 1024" in cpu.preset_status
+
+    with pytest.raises(ValueError, match=r"memory_preset '6 GB' does not fit an SDXL model: an SDXL LoRA needs "
+                                         r"about 8 GB .*pick the 8 GB preset or a larger one.*SD1\.5 model"):
+        graph(memory_preset="6 GB", family="sdxl")
+    table = gs.preset_table()
+    sdxl_rows = table[table.index("") + 1:]
+    assert "SDXL at 1024 px (estimate, not measured)" in sdxl_rows[0]
+    assert sdxl_rows[2].startswith("| 6 GB | refused: an SDXL LoRA needs about 8 GB")
+
+
 def test_out_of_memory_advice_names_the_graph_inputs() -> None:
     advice = oom_advice(display=gs.graph_location)
     assert "turn gradient_checkpointing (DreamBooth Train LoRA, or its memory_preset) on" in advice
@@ -207,7 +236,7 @@ def test_readme_preset_table_is_the_code_table() -> None:
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     table = "\n".join(gs.preset_table())
     assert table in readme, f"README's memory preset table differs from graph_settings.preset_table():\n{table}"
-    for preset in gs.MEMORY_PRESETS:
+    for preset in (*gs.MEMORY_PRESETS, *gs.SDXL_MEMORY_PRESETS):
         assert preset.max_resolution % 8 == 0 and preset.mixed_precision in ("auto", "no", "fp16", "bf16")
 
 
@@ -329,6 +358,16 @@ def test_options_chain_and_preset_reach_run_json(comfy_server) -> None:
     preset_lines = [s for s in statuses if s.startswith("memory preset CPU: batch 1, gradient checkpointing off")]
     assert len(preset_lines) == 1, statuses
     assert re.search(r"options nodes win for cache_latents from DreamBooth Options: Saving & Advanced", preset_lines[0])
+
+
+def test_a_preset_too_small_for_sdxl_is_refused(comfy_server, tiny_sdxl_checkpoint: Path) -> None:
+    """The train node reads the checkpoint's family for its preset: 6 GB is refused for SDXL before any training."""
+    comfy_server.add_model("checkpoints", tiny_sdxl_checkpoint, "tiny-sdxl.safetensors")
+    name = f"test_sdxl_6gb_{uuid.uuid4().hex[:6]}"
+    prompt = _train_graph(comfy_server, name, ckpt_name="tiny-sdxl.safetensors", memory_preset="6 GB")
+    message = sibling_test_module("test_nodes_train").node_error(comfy_server.run_prompt(prompt, timeout=120), "2")
+    assert message.startswith("memory_preset '6 GB' does not fit an SDXL model: an SDXL LoRA needs about 8 GB"), message
+    assert not (comfy_server.output_dir / "dreambooth" / name / "run.json").exists(), "refused before any training"
 
 
 def test_a_bad_option_is_refused_naming_the_widget(comfy_server) -> None:
