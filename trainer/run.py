@@ -132,6 +132,11 @@ class TrainingRun:
         self.events.status(f"checking {Path(cfg.pretrained_model).name}")
         self.source = ModelSource(cfg.pretrained_model, prediction_type=cfg.prediction_type,
                                   cache_dir=Path(cfg.cache_dir))
+        spec = self.source.spec  # half the side the family learned at or less: a quarter of its pixels
+        if cfg.resolution * 2 <= spec.default_resolution:
+            self.events.status(f"{spec.label} was trained at {spec.default_resolution} px; {cfg.resolution} px gives "
+                               f"blurry results: set resolution to {spec.default_resolution} (or "
+                               f"{spec.default_resolution * 3 // 4} on small cards)", level="warning")
         if self.full:
             full_finetune.check_source(cfg.pretrained_model, self.source.family, cfg.train_text_encoder)
         self.init_lora = lora.open_init_lora(cfg.init_lora) if cfg.init_lora else None
