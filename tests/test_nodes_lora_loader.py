@@ -1,11 +1,13 @@
-"""DreamBoothLoraLoader in a real ComfyUI server, on the tiny SD1.5 checkpoint.
+"""DreamBoothLoraLoader in a real ComfyUI server, on the tiny SD1.5 and SDXL checkpoints.
 
-The LoRAs are built here in kohya format (what ComfyUI's own loader reads): UNet keys named after
-the diffusers module path of the tiny UNet, text-encoder keys after CLIP-L's layers.
+Most LoRAs are built here in kohya format (what ComfyUI's own loader reads): UNet keys named after
+the diffusers module path of the tiny UNet, text-encoder keys after CLIP-L's layers. The family checks
+use an SDXL and an SD1.5 LoRA this pack trained.
 """
 
 from __future__ import annotations
 
+import io
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,13 +15,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from comfyui_dreambooth_lora.trainer import protocol
+from comfyui_dreambooth_lora.trainer.config import TrainConfig
+from comfyui_dreambooth_lora.trainer.run import train
 from dreambooth_test_support.comfyui import ComfyServer, PromptResult
+from dreambooth_test_support.paths import DREAMBENCH_DIR
 from PIL import Image
 from safetensors.torch import save_file
 
 pytestmark = pytest.mark.comfy
 
 CKPT = "tiny-sd15.safetensors"
+SDXL_CKPT = "tiny-sdxl.safetensors"
 NODE = "DreamBoothLoraLoader"
 FROM_INPUT = "(use the lora input)"
 RANK = 4
@@ -101,11 +108,11 @@ def sdxl_lora(seed: int = 1) -> dict[str, torch.Tensor]:
     return sd
 
 
-def txt2img(prefix: str, lora: dict[str, Any] | None, seed: int = 3) -> dict[str, Any]:
+def txt2img(prefix: str, lora: dict[str, Any] | None, seed: int = 3, ckpt: str = CKPT) -> dict[str, Any]:
     """Checkpoint -> [LoRA loader] -> 2-step 64x64 txt2img -> SaveImage (node "8")."""
     model: list[Any] = ["1", 0]
     clip: list[Any] = ["1", 1]
-    prompt: dict[str, Any] = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}}
+    prompt: dict[str, Any] = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
     if lora is not None:
         prompt["2"] = {"class_type": NODE, "inputs": {"model": ["1", 0], "clip": ["1", 1], **lora}}
         prompt["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}}
@@ -132,8 +139,9 @@ def loader_inputs(name: str, strength_model: float, strength_clip: float) -> dic
     return {"lora_name": name, "strength_model": strength_model, "strength_clip": strength_clip}
 
 
-def render(server: ComfyServer, lora: dict[str, Any] | None) -> tuple[np.ndarray, PromptResult]:
-    result = server.run_prompt(txt2img(f"lora_{uuid.uuid4().hex[:10]}", lora), timeout=300).raise_for_status()
+def render(server: ComfyServer, lora: dict[str, Any] | None, ckpt: str = CKPT) -> tuple[np.ndarray, PromptResult]:
+    result = server.run_prompt(txt2img(f"lora_{uuid.uuid4().hex[:10]}", lora, ckpt=ckpt),
+                               timeout=300).raise_for_status()
     files = server.output_files(result, node_id="8")
     assert len(files) == 1, result.outputs
     with Image.open(files[0]) as img:
@@ -330,3 +338,79 @@ def test_rewritten_file_is_reloaded(comfy_server: ComfyServer, loras: dict[str, 
     save_file(kohya_lora(seed=11, text=False), str(path))
     second, _ = render(comfy_server, loader_inputs(name, 1.0, 0.0))
     assert np.abs(first - second).mean() > 1.0, "the overwritten LoRA file was not reloaded"
+
+
+# --------------------------------------------------------------------------------------------- families
+
+
+def _train_lora(checkpoint: Path, out: Path) -> Path:
+    """Two steps of this pack's training on every UNet module kind and the text encoder(s), rank 4, 64 px;
+    the high learning rate makes the LoRA's effect visible in 8-bit images."""
+    cfg = TrainConfig.from_dict({
+        "pretrained_model": str(checkpoint), "instance_data_dir": str(DREAMBENCH_DIR / "dog"),
+        "instance_prompt": "a photo of qzx dog", "output_dir": str(out), "resolution": 64,
+        "max_train_steps": 2, "rank": 4, "alpha": 8, "unet_target": "full", "train_text_encoder": True,
+        "text_encoder_target": "attn_mlp", "learning_rate": 2e-2, "text_encoder_lr": 2e-2,
+        "cache_dir": str(out / "cache"), "device": "cpu",
+    })
+    result = train(cfg, protocol.EventWriter(io.StringIO()), protocol.Commands())
+    assert result.status == "done" and result.lora_path is not None
+    return result.lora_path
+
+
+@pytest.fixture(scope="module")
+def trained(comfy_server: ComfyServer, tiny_checkpoint: Path, tiny_sdxl_checkpoint: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An SDXL and an SD1.5 LoRA this pack trained, in the server's models/loras (names with spaces), and the
+    tiny SDXL checkpoint in its models/checkpoints."""
+    comfy_server.add_model("checkpoints", tiny_sdxl_checkpoint, SDXL_CKPT)
+    tag = uuid.uuid4().hex[:6]
+    names = {}
+    for family, checkpoint in (("sdxl", tiny_sdxl_checkpoint), ("sd15", tiny_checkpoint)):
+        path = _train_lora(checkpoint, tmp_path_factory.mktemp(f"{family} lora"))
+        names[family] = f"trained {family} {tag}.safetensors"
+        comfy_server.add_model("loras", path, names[family])
+    return names
+
+
+def _module_counts(path: Path) -> tuple[int, int]:
+    """(UNet modules, text-encoder modules) of a kohya LoRA file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        modules = {key.split(".")[0] for key in handle.keys()}
+    return (len({m for m in modules if m.startswith("lora_unet_")}),
+            len({m for m in modules if m.startswith("lora_te")}))
+
+
+def test_a_trained_sdxl_lora_loads_fully_on_sdxl_and_changes_the_image(comfy_server: ComfyServer,
+                                                                       trained: dict[str, str]) -> None:
+    name = trained["sdxl"]
+    unet_modules, te_modules = _module_counts(comfy_server.models_dir / "loras" / name)
+    assert unet_modules > 100 and te_modules == (12 + 32) * 6, "the fixture covers every module kind"
+    base, _ = render(comfy_server, None, ckpt=SDXL_CKPT)
+    assert base.std() > 1.0
+    patched, result = render(comfy_server, loader_inputs(name, 1.0, 1.0), ckpt=SDXL_CKPT)
+    # Any key it could not place is an error (unused keys are counted before patching), so this report line
+    # means every module of the file is applied: zero unloaded keys.
+    report = result.outputs["9"]["text"][0]
+    assert report == (f"LoRA {name!r} (SDXL): UNet: {unet_modules} layers, strength 1; "
+                      f"text encoder: {te_modules} layers, strength 1."), report
+    assert np.abs(patched - base).mean() > 1.0, "the SDXL LoRA left the image unchanged"
+
+
+@pytest.mark.parametrize(("lora", "ckpt", "model", "made_for"), [
+    ("sdxl", CKPT, "SD1.x", "SDXL"),
+    ("sd15", SDXL_CKPT, "SDXL", "SD1.x"),
+])
+def test_a_lora_of_the_other_family_is_a_clear_error(comfy_server: ComfyServer, trained: dict[str, str], lora: str,
+                                                     ckpt: str, model: str, made_for: str) -> None:
+    name = trained[lora]
+    result = comfy_server.run_prompt(
+        txt2img(f"family_{uuid.uuid4().hex[:8]}", loader_inputs(name, 1.0, 1.0), ckpt=ckpt), timeout=300)
+    message = node_error(result)
+    assert message.startswith(f"LoRA {name!r} does not fit this {model} model: "), message
+    assert f"It looks made for {made_for} (cross-attention input width" in message, message
+    assert (f"Fix: use this LoRA with a checkpoint of its family ({made_for}), or pick a LoRA trained for "
+            f"{model}") in message, message
+    assert not comfy_server.output_files(result, node_id="8")
