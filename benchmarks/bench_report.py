@@ -34,6 +34,7 @@ PEERS = {
     "diffusers-te": "diffusers loop, UNet + text-encoder attention",
     "ours-unet-warm": "ours, UNet attention, warm trainer",
     "ours-te-warm": "ours, UNet + text-encoder attention, warm trainer",
+    "ours-unet-all-warm": "ours, every UNet layer, warm trainer",
 }
 # (ours, peer, what both train): the same-work pairs the targets compare.
 SAME_WORK = (
@@ -51,8 +52,9 @@ def markers(scale: str, resolution: int) -> tuple[str, str]:
 
 
 def heading(scale: str, resolution: int) -> str:
-    model = "SD1.5-shaped random weights (860M-parameter UNet, 2.1 GB checkpoint)" if scale == "full" else \
-        "the tiny test checkpoint"
+    model = {"full": "SD1.5-shaped random weights (860M-parameter UNet, 2.1 GB checkpoint)",
+             "sdxl-tiny": "the tiny SDXL test checkpoint (SDXL blocks at 320 channels, full-size CLIP-L and "
+                          "OpenCLIP bigG, 2.4 GB)"}.get(scale, "the tiny test checkpoint")
     return f"Training, {model}, {resolution} px, CPU"
 
 

@@ -1,7 +1,9 @@
 """Training speed, start-up time and memory: the pack's trainer against its two peers.
 
 The work is the same for everyone: the tiny SD1.5 test checkpoint (``--scale full``: an SD1.5-shaped
-random checkpoint, 860M-parameter UNet, 2.1 GB), the 5 DreamBench dog photos at 64 px (``--resolution``),
+random checkpoint, 860M-parameter UNet, 2.1 GB; ``--scale sdxl-tiny``: the tiny SDXL test checkpoint, SDXL's
+blocks at 320 channels with both full-size text encoders, 2.4 GB, against TrainLoraNode only), the 5
+DreamBench dog photos at 64 px (``--resolution``),
 batch 1, LoRA rank 4 (alpha 4), fp32, one BLAS thread per process. Each of our runs is paired with the
 peer that trains the same layers: ``ours-unet-all`` with ``native`` (every UNet layer),
 ``ours-unet`` / ``ours-te`` with ``diffusers-unet`` / ``diffusers-te`` (attention q/k/v/out).
@@ -14,6 +16,7 @@ Peers, run interleaved (per repeat: every peer's short run, then every peer's lo
 - ``ours-unet-warm`` / ``ours-te-warm``: the same run given to a warm trainer (``--config -``, started
   ahead and waiting with its libraries imported, as the ComfyUI node gets one); launch -> first step is
   timed from the moment the config is handed over. Short runs only: the steps are the same as above.
+  ``ours-unet-all-warm`` is ``ours-unet-all``'s warm run (``--scale sdxl-tiny`` only).
 - ``native``: ComfyUI's own TrainLoraNode in a real ComfyUI server, driven with POST /prompt
   (CheckpointLoaderSimple -> LoadImageDataSetFromFolder -> VAEEncode, CLIPTextEncode -> TrainLoraNode
   -> SaveLoRA). A fresh server per run, so every prompt loads the checkpoint.
@@ -25,6 +28,7 @@ processes meanwhile. See benchmarks/README.md.
 
     python benchmarks/bench_train.py [--repeats N] [--quick] [--only ours|native|diffusers]
     python benchmarks/bench_train.py --scale full --resolution 256 --short 1 --long 4 --in-run-only --repeats 2
+    python benchmarks/bench_train.py --scale sdxl-tiny --short 5 --long 30 --repeats 3
 """
 
 from __future__ import annotations
@@ -64,9 +68,13 @@ RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SUPPORT_PACKAGE = "dreambooth_test_support"
 PROMPT = "a photo of sks dog"
 RANK, ALPHA, BATCH, SEED, LEARNING_RATE = 4, 4.0, 1, 0, 1e-4
-NATIVE_CKPT = {"tiny": "tiny-sd15.safetensors", "full": "bench-sd15-full.safetensors"}
-GROUPS = {"ours": ["ours-unet", "ours-unet-all", "ours-te", "ours-unet-warm", "ours-te-warm"], "native": ["native"],
-          "diffusers": ["diffusers-unet", "diffusers-te"]}
+NATIVE_CKPT = {"tiny": "tiny-sd15.safetensors", "full": "bench-sd15-full.safetensors",
+               "sdxl-tiny": "bench-sdxl-tiny.safetensors"}
+GROUPS = {"ours": ["ours-unet", "ours-unet-all", "ours-te", "ours-unet-warm", "ours-te-warm", "ours-unet-all-warm"],
+          "native": ["native"], "diffusers": ["diffusers-unet", "diffusers-te"]}
+# SDXL: only TrainLoraNode's work (every UNet layer, text encoders frozen) is compared; the diffusers
+# loop and the attention-only peers are SD1.5 code.
+SDXL_PEERS = {"ours-unet-all", "native", "ours-unet-all-warm"}
 WARM_IDLE_S = 1.0  # how long a warm trainer waits, after saying ready, before the bench hands it the run
 
 
@@ -226,7 +234,8 @@ class Bench:
         tiny = importlib.import_module(f"{SUPPORT_PACKAGE}.tiny_models")
         self.work, self.scale, self.resolution = work, scale, resolution
         self.comfy_root = self.comfyui.provision_comfyui()
-        build = tiny.sd15_full_checkpoint if scale == "full" else tiny.tiny_sd15_checkpoint
+        build = {"full": tiny.sd15_full_checkpoint, "sdxl-tiny": tiny.tiny_sdxl_checkpoint}.get(
+            scale, tiny.tiny_sd15_checkpoint)
         self.ckpt = build(self.comfy_root)
         self.native_ckpt = NATIVE_CKPT[scale]
         self.native_folder = f"bench_dog_{resolution}"  # input sub-folder LoadImageDataSetFromFolder reads
@@ -427,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=sorted(GROUPS), action="append",
                         help="run only this peer group (repeatable)")
     parser.add_argument("--peers", default="", help="comma-separated peers to run (default: all of --only's groups)")
-    parser.add_argument("--scale", choices=["tiny", "full"], default="tiny",
-                        help="tiny: the test checkpoint (default); full: SD1.5-shaped random weights (2.1 GB file)")
+    parser.add_argument("--scale", choices=["tiny", "full", "sdxl-tiny"], default="tiny",
+                        help="tiny: the test checkpoint (default); full: SD1.5-shaped random weights (2.1 GB file); "
+                             "sdxl-tiny: the tiny SDXL test checkpoint (2.4 GB file), ours-unet-all(-warm) vs native")
     parser.add_argument("--resolution", type=int, default=64, help="training resolution in px (default 64)")
     parser.add_argument("--short", type=int, default=10, help="steps of the short run (default 10)")
     parser.add_argument("--long", type=int, default=60, help="steps of the long run (default 60)")
@@ -450,12 +460,19 @@ def main(argv: list[str] | None = None) -> int:
     if not PHOTOS.is_dir():
         parser.error(f"missing {PHOTOS}: the DreamBench photos are part of the repository (tests/assets)")
     wanted = {p for g in (args.only or list(GROUPS)) for p in GROUPS[g]}
+    if args.scale == "sdxl-tiny":
+        wanted &= SDXL_PEERS
+    else:
+        wanted.discard("ours-unet-all-warm")  # the SD1.5 records keep their peer set
     if args.peers:
         chosen = {p.strip() for p in args.peers.split(",") if p.strip()}
         if chosen - set(report.PEERS):
             parser.error(f"unknown peers {sorted(chosen - set(report.PEERS))}; known: {', '.join(report.PEERS)}")
         wanted &= chosen
     peers = [p for p in report.PEERS if p in wanted]
+    if not peers:
+        parser.error(f"no peer left to run (--scale {args.scale} runs {', '.join(sorted(SDXL_PEERS))})"
+                     if args.scale == "sdxl-tiny" else "no peer left to run")
     partial = args.quick or args.only or args.peers
     results = args.results or (RESULTS_MD if not partial else args.work_dir / "last_results.md")
     markers = report.markers(args.scale, args.resolution)
@@ -474,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours-unet-all": lambda n, r: bench.ours(n, False, r, all_layers=True),
         "ours-unet-warm": lambda n, r: bench.ours(n, False, r, warm=True),
         "ours-te-warm": lambda n, r: bench.ours(n, True, r, warm=True),
+        "ours-unet-all-warm": lambda n, r: bench.ours(n, False, r, warm=True, all_layers=True),
         "native": lambda n, r: bench.native(n, r),
         "diffusers-unet": lambda n, r: bench.diffusers(n, False, r),
         "diffusers-te": lambda n, r: bench.diffusers(n, True, r),
