@@ -91,6 +91,7 @@ def _modules(path: Path) -> dict[str, set[str]]:
     return {prefix: {n for n in names if n.startswith(prefix + "_")} for prefix in ("lora_unet", "lora_te1", "lora_te2")}
 
 
+@pytest.mark.slow  # a 2-step SDXL training with both text encoders: main leg only
 def test_sdxl_lora_has_both_text_encoders_in_kohya_layout(sdxl_run: tuple[RunResult, list[dict]]) -> None:
     result, events = sdxl_run
     assert result.status == "done" and result.lora_path is not None
@@ -113,6 +114,7 @@ def test_sdxl_lora_has_both_text_encoders_in_kohya_layout(sdxl_run: tuple[RunRes
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
 
+@pytest.mark.slow
 @pytest.mark.comfy  # ComfyUI's own loader code, in a child process
 def test_comfyui_native_loader_patches_every_module(sdxl_run: tuple[RunResult, list[dict]], tiny_sdxl_checkpoint: Path,
                                                    comfyui_root: Path) -> None:
@@ -127,6 +129,7 @@ def test_comfyui_native_loader_patches_every_module(sdxl_run: tuple[RunResult, l
     assert report["patches"] == sum(len(m) for m in modules.values())
 
 
+@pytest.mark.slow  # a 2-step SDXL training with both text encoders: main leg only
 def test_diffusers_sdxl_pipeline_loads_every_module(sdxl_run: tuple[RunResult, list[dict]],
                                                     tiny_sdxl_checkpoint: Path) -> None:
     from diffusers import StableDiffusionXLPipeline
@@ -202,3 +205,38 @@ def test_family_mismatches_are_clear_errors(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="full fine-tune of SDXL is not supported"):
         full_finetune.check_source("/m.safetensors", "sdxl", train_text_encoder=False)
+
+
+def test_size_numbers_come_from_each_sample_s_real_crop(tiny_sdxl_checkpoint: Path, tmp_path: Path) -> None:
+    """A portrait and a landscape photo with aspect buckets: each micro-batch's SDXL size numbers are its
+    photo's original size, its crop's top-left corner in the resized photo and its bucket."""
+    from comfyui_dreambooth_lora.trainer.run import TrainingRun
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    dog = sorted((DREAMBENCH_DIR / "dog").glob("*.jpg"))[0]
+    with Image.open(dog) as img:
+        img.convert("RGB").resize((300, 400)).save(photos / "portrait.png")
+        img.convert("RGB").resize((400, 300)).save(photos / "landscape.png")
+    cfg = TrainConfig.from_dict({
+        "pretrained_model": str(tiny_sdxl_checkpoint), "instance_data_dir": str(photos),
+        "instance_prompt": "a photo of qzx dog", "output_dir": str(tmp_path / "run"), "resolution": 64,
+        "max_train_steps": 1, "rank": 4, "alpha": 4, "train_text_encoder": False, "aspect_buckets": True,
+        "crop": "random", "cache_dir": str(tmp_path / "cache"),
+    })
+    run = TrainingRun(cfg, protocol.EventWriter(io.StringIO()), protocol.Commands())
+    run.prepare()
+    seen = {}
+    for micro in range(4):
+        latents, _prompts, geometry = run._batch(micro)
+        ids = run._size_ids(geometry)
+        assert ids is not None and ids.shape == (1, 6)
+        g = geometry[0]
+        assert ids[0].tolist() == [*g.original_size, *g.crop_top_left, *g.target_size]
+        assert tuple(latents.shape[-2:]) == (g.target_size[0] // 8, g.target_size[1] // 8)
+        seen[g.original_size] = g
+    assert set(seen) == {(400, 300), (300, 400)}, "both photos, at their own (height, width)"
+    portrait, landscape = seen[(400, 300)], seen[(300, 400)]
+    assert portrait.target_size[0] > portrait.target_size[1] and landscape.target_size[0] < landscape.target_size[1]
+    loss, _, _ = run.loss_for_micro_batch(0)
+    assert torch.isfinite(loss)
