@@ -49,3 +49,33 @@ def test_preview_shows_each_bucket_crop_on_a_grey_canvas(comfy_server: ComfyServ
         inner = pixels[top:top + h, left:left + w]
         assert inner.std() > 10, "the photo itself fills the bucket"
         assert np.abs(inner[[0, -1]] - 128).mean() > 5 and np.abs(inner[:, [0, -1]] - 128).mean() > 5
+
+
+def test_face_crop_is_centred_on_the_face_and_a_faceless_photo_is_named(comfy_server: ComfyServer) -> None:
+    """crop 'face' through the node: the astronaut photo (scikit-image's bundled sample, a real face) placed
+    at the right of a wide canvas is cut around her face, not at the canvas center; a dog photo without a
+    face falls back to the center and the warning names it."""
+    from skimage import data as skimage_data
+
+    folder = f"faces_{uuid.uuid4().hex[:8]}"
+    target = comfy_server.input_dir / folder
+    target.mkdir(parents=True)
+    canvas = Image.new("RGB", (1536, 512), (40, 90, 40))
+    canvas.paste(Image.fromarray(skimage_data.astronaut()), (1024, 0))  # her face near x 1024+150..260
+    canvas.save(target / "astronaut.png")
+    with Image.open(DREAMBENCH_DIR / "dog" / "00.jpg") as photo:
+        photo.convert("RGB").save(target / "dog.png")
+    prompt = {
+        "1": {"class_type": "DreamBoothDataset", "inputs": {
+            "folder": folder, "instance_prompt": "a photo of fac woman", "use_captions": True, "resolution": 64,
+            "crop": "face", "aspect_buckets": False}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 1], "filename_prefix": f"{folder}_preview"}},
+    }
+    result = comfy_server.run_prompt(prompt, timeout=120).raise_for_status()
+    lines = result.outputs["1"]["text"]
+    astronaut = next(line for line in lines if line.startswith("astronaut.png"))
+    box = [int(v) for v in astronaut.split("crop box (")[1].split(")")[0].split(",")]
+    left, _top, right, _bottom = box
+    assert right - left == 512 and 1024 <= (left + right) / 2 <= 1024 + 300, astronaut
+    fallback = [line for line in comfy_server.log_text().splitlines() if "dog.png" in line and "face" in line]
+    assert fallback, "the photo without a face is named in a warning"
