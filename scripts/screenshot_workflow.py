@@ -94,6 +94,9 @@ def prepare(server: Any, tiny_models: Any, comfyui_root: Path) -> Path:
     wf = _module("dreambooth_scripts_make_workflows", REPO / "scripts" / "make_workflows.py")
     subject = _module("dreambooth_scripts_sample_subject", REPO / "scripts" / "sample_subject.py")
     server.add_model("checkpoints", tiny_models.tiny_sd15_checkpoint(comfyui_root), wf.SD15)
+    # The SDXL workflow's files: the tiny SDXL checkpoint and ControlNet under the names it uses.
+    server.add_model("checkpoints", tiny_models.tiny_sdxl_checkpoint(comfyui_root), wf.SDXL)
+    server.add_model("controlnet", tiny_models.tiny_sdxl_controlnet(comfyui_root), wf.CANNY_SDXL)
     # ComfyUI reads a .pth file with torch.load: the tiny ControlNet's tensors re-saved that way, since
     # the run loads it (upstream of the generation half) before the training starts.
     import torch  # noqa: PLC0415  (heavy: only this function needs it)
