@@ -449,8 +449,6 @@ def resize_and_crop(image: Image.Image, resolution: int, *, crop: str = "center"
         raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
     if crop not in _CROP_MODES:
         raise ValueError(f"crop must be one of {_CROP_MODES}, got {crop!r}")
-    if crop == "random" and rng is None:
-        raise ValueError("crop='random' needs rng=random.Random(seed) so the crop is reproducible")
     return crop_image(image, bucketing.square(resolution), crop=crop, rng=rng)[0]
 
 
@@ -485,31 +483,23 @@ def tensor_to_image(t: torch.Tensor) -> Image.Image:
 
 
 def _size_warnings(path: Path, width: int, height: int, resolution: int, target: Bucket | None = None) -> list[str]:
+    tw, th = target or bucketing.square(resolution)
+    # The square keeps the words the square-only trainer always used; a bucket names its size.
+    square = tw == th == resolution
     found = []
-    if target is None or target == bucketing.square(resolution):
-        if min(width, height) < resolution:
-            found.append(
-                f"{path} is {width}x{height}, smaller than the training resolution {resolution}: it will be "
-                f"upscaled (blurry training data); use images of at least {resolution} px on the short side."
-            )
-        ratio = max(width, height) / max(1, min(width, height))
-        if ratio > 2.0:
-            found.append(
-                f"{path} is {width}x{height}: the square crop keeps only {100.0 / ratio:.0f}% of it; crop it "
-                "yourself around the subject so it is not cut off."
-            )
-        return found
-    tw, th = target
     if width < tw or height < th:
+        smaller, wanted = ((f"the training resolution {resolution}", f"{resolution} px on the short side") if square
+                           else (f"its {tw}x{th} bucket", f"{tw}x{th}"))
         found.append(
-            f"{path} is {width}x{height}, smaller than its {tw}x{th} bucket: it will be upscaled (blurry "
-            f"training data); use images of at least {tw}x{th}."
+            f"{path} is {width}x{height}, smaller than {smaller}: it will be upscaled (blurry training data); use "
+            f"images of at least {wanted}."
         )
     ratio = max(width * th, height * tw) / max(1, min(width * th, height * tw))
     if ratio > 2.0:
+        kept = "the square crop" if square else f"its {tw}x{th} bucket crop"
         found.append(
-            f"{path} is {width}x{height}: its {tw}x{th} bucket crop keeps only {100.0 / ratio:.0f}% of it; crop "
-            "it yourself around the subject so it is not cut off."
+            f"{path} is {width}x{height}: {kept} keeps only {100.0 / ratio:.0f}% of it; crop it yourself around "
+            "the subject so it is not cut off."
         )
     return found
 
