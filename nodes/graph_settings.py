@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..trainer.config import ConfigError, TrainConfig
+from ..trainer.families import FAMILIES
 
 TRAIN_NODE = "DreamBooth Train LoRA"
 DATASET_NODE = "DreamBooth Dataset"
@@ -231,7 +232,6 @@ SDXL_MEMORY_PRESETS: tuple[MemoryPreset, ...] = (
 # Model family (trainer.families names) -> its table. SD2.x keeps the SD1.5 one (same UNet size).
 FAMILY_PRESETS: dict[str, tuple[MemoryPreset, ...]] = {"sd1": MEMORY_PRESETS, "sd2": MEMORY_PRESETS,
                                                         "sdxl": SDXL_MEMORY_PRESETS}
-_FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 PRESET_CHOICES = [CUSTOM_PRESET, *(p.label for p in MEMORY_PRESETS)]
 # Config keys a preset sets (besides lowering resolution): they replace the train node's widgets.
 PRESET_KEYS = ("train_batch_size", "gradient_checkpointing", "optimizer", "train_text_encoder", "mixed_precision",
@@ -327,7 +327,7 @@ def apply_preset(graph: GraphValues, label: str, *, bitsandbytes: bool, device_o
     chosen = preset(label, family)
     if chosen is None:
         return
-    family_label = _FAMILY_LABELS.get(family, family)
+    family_label = FAMILIES[family].label if family in FAMILIES else family
     if chosen.refused:
         raise ValueError(f"memory_preset {chosen.label!r} does not fit an {family_label} model: {chosen.refused}.")
     def where(key: str) -> str:
