@@ -31,10 +31,12 @@ is kept in `<venv>/.requirements-<file name>.sha256` (for .venv: `.requirements-
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import importlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,6 +87,8 @@ class VenvSpec:
     # Installed with --no-deps after `requirements`: packages whose own pins would pull in a
     # different torch (torchaudio).
     no_deps: Path | None = None
+    # A venv whose identical files this one hard-links to instead of keeping copies (the same torch).
+    shares_files_with: Path | None = None
 
     @property
     def stamp(self) -> Path:
@@ -98,13 +102,14 @@ class VenvSpec:
         return _venv_bin(self.venv_dir, name)
 
 
+MAIN_VENV = REPO_ROOT / ".venv"
 ENVS = {
-    "main": VenvSpec("main", REPO_ROOT / ".venv", REQUIREMENTS_DIR / "test.txt"),
+    "main": VenvSpec("main", MAIN_VENV, REQUIREMENTS_DIR / "test.txt"),
     "transformers4": VenvSpec("transformers4", REPO_ROOT / ".venv-tf4",
-                             REQUIREMENTS_DIR / "test-transformers4.txt"),
+                             REQUIREMENTS_DIR / "test-transformers4.txt", shares_files_with=MAIN_VENV),
     "comfyui-0.33": VenvSpec("comfyui-0.33", REPO_ROOT / ".venv-comfyui-0.33",
                             REQUIREMENTS_DIR / "test-comfyui-0.33.txt",
-                            REQUIREMENTS_DIR / "test-comfyui-0.33-nodeps.txt"),
+                            REQUIREMENTS_DIR / "test-comfyui-0.33-nodeps.txt", shares_files_with=MAIN_VENV),
 }
 
 
@@ -190,9 +195,50 @@ def ensure_env(env: VenvSpec) -> Path:
         code = run([*pip, "--no-deps", "-r", env.no_deps], to_stderr=True)
     if code != 0:
         raise EnvError(f"pip install into {_rel(env.venv_dir)} failed with exit code {code}")
+    if env.shares_files_with is not None:
+        share_identical_files(env.venv_dir, env.shares_files_with)
     env.stamp.write_text(wanted + "\n", encoding="utf-8")
     step(f"{_rel(env.venv_dir)} ready in {time.monotonic() - t0:.0f} s")
     return env.python
+
+
+# Files below this size are left alone: the bytes are in torch, its CUDA libraries and triton.
+SHARE_MIN_BYTES = 1 << 20
+
+
+def share_identical_files(venv_dir: Path, reference_dir: Path) -> int:
+    """Hard-link every large file of `venv_dir` that is byte-for-byte the file at the same place in
+    `reference_dir`; return the bytes saved.
+
+    Every environment pins the same torch, and a CUDA build of torch with its libraries is ~5.5 GB:
+    three copies of it filled a CI runner's disk. pip never writes into an installed file (it unlinks
+    before writing, and uninstalls by unlinking), so a later install into either venv breaks the
+    sharing for that file instead of changing the other venv.
+    """
+    if not reference_dir.is_dir() or venv_dir.resolve() == reference_dir.resolve():
+        return 0
+    saved = 0
+    try:
+        for root, _dirs, files in os.walk(venv_dir):
+            for name in files:
+                path = Path(root, name)
+                twin = reference_dir / path.relative_to(venv_dir)
+                if path.is_symlink() or twin.is_symlink() or not twin.is_file():
+                    continue
+                size = path.stat().st_size
+                if (size < SHARE_MIN_BYTES or size != twin.stat().st_size or path.samefile(twin)
+                        or not filecmp.cmp(path, twin, shallow=False)):
+                    continue
+                temporary = path.with_name(name + ".dev-link")
+                os.link(twin, temporary)
+                os.replace(temporary, path)
+                saved += size
+    except OSError as err:  # no hard links on this file system: each venv keeps its own copy
+        step(f"could not share files of {_rel(venv_dir)} with {_rel(reference_dir)} ({err}); "
+             "each keeps its own copy")
+    if saved:
+        step(f"{_rel(venv_dir)} shares {saved / 2**30:.1f} GB of identical files with {_rel(reference_dir)}")
+    return saved
 
 
 def child_env(force: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -317,8 +363,9 @@ def leg_browser(pytest_args: list[str]) -> LegResult:
         return LegResult("failed", str(err))
     step(f"browser tools ready in {time.monotonic() - t0:.0f} s")
     env = child_env(force=True, extra={browser.CHROMIUM_ENV: chromium})
-    # -raP: the passed tests' output too, for each frontend's timings and screenshot paths.
-    return _pytest(python, ["-m", "browser", "-raP", *pytest_args], env)
+    # -raP: the passed tests' output too, for each frontend's timings and screenshot paths; the
+    # screenshots are kept (the other legs delete a passed test's files, see pyproject.toml).
+    return _pytest(python, ["-m", "browser", "-raP", "-o", "tmp_path_retention_policy=all", *pytest_args], env)
 
 
 LEGS = {
@@ -369,6 +416,8 @@ def cmd_test(args: list[str]) -> int:
         result.seconds = time.monotonic() - t0
         results[name] = result
         step(f"leg {name}: {result.status} in {result.seconds:.0f} s" + (f" ({result.detail})" if result.detail else ""))
+        # A full disk fails a test far from its cause: each leg's log says how much is left.
+        step(f"disk: {shutil.disk_usage(REPO_ROOT).free / 2**30:.1f} GB free")
         if result.detail == "interrupted":
             break
     print(f"\n{'=' * 30} summary {'=' * 30}", file=sys.stderr, flush=True)

@@ -177,3 +177,29 @@ def test_a_failing_leg_makes_the_run_fail_and_the_other_legs_still_run(dev: Modu
     summary = proc.stderr.split("summary", 1)[1]
     assert "main" in summary and "FAILED" in summary and "SKIPPED" in summary
     assert "failed legs: main" in summary
+
+
+def test_identical_large_files_of_two_venvs_become_one_file(dev: ModuleType, tmp_path: Path) -> None:
+    """What the leg venvs share with .venv: large files with the same place and bytes, nothing else."""
+    big = dev.SHARE_MIN_BYTES
+    files = {
+        "lib/torch/lib/libtorch.so": (b"t" * big, b"t" * big),  # the same: shared
+        "lib/torch/lib/other.so": (b"a" * big, b"a" * (big - 1) + b"b"),  # same size, other bytes
+        "lib/torch/small.py": (b"x", b"x"),  # too small to bother
+        "lib/only_here.so": (b"o" * big, None),
+    }
+    venv, reference = tmp_path / "leg venv", tmp_path / "main venv"
+    for rel, (mine, theirs) in files.items():
+        (venv / rel).parent.mkdir(parents=True, exist_ok=True)
+        (venv / rel).write_bytes(mine)
+        if theirs is not None:
+            (reference / rel).parent.mkdir(parents=True, exist_ok=True)
+            (reference / rel).write_bytes(theirs)
+    assert dev.share_identical_files(venv, reference) == big
+    assert (venv / "lib/torch/lib/libtorch.so").samefile(reference / "lib/torch/lib/libtorch.so")
+    for rel in ("lib/torch/lib/other.so", "lib/torch/small.py"):
+        assert not (venv / rel).samefile(reference / rel), rel
+    for rel, (mine, _theirs) in files.items():
+        assert (venv / rel).read_bytes() == mine, rel  # no file changed its contents
+    assert not list(venv.rglob("*.dev-link"))
+    assert dev.share_identical_files(venv, reference) == 0  # already shared: nothing more to do

@@ -11,6 +11,8 @@ go with a full fine-tune are config errors naming the setting.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,15 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_checkpoint: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def full_run(tiny_checkpoint: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two steps fine-tuning UNet and text encoder, with a full-rank (exact) extracted LoRA."""
     out = tmp_path_factory.mktemp("full run") / "run"
     config = make_config(tiny_checkpoint, photos, out, **FULL, train_text_encoder=True, text_encoder_lr=1e-3,
                          max_train_steps=2, extract_lora_rank=1024)
     result, events = run_events(config)
-    return {"config": config, "result": result, "events": events}
+    yield {"config": config, "result": result, "events": events}
+    # ~3 GB of checkpoints: gone with the module, not kept to the end of the session.
+    shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def test_untrained_export_is_the_base_file(tiny_checkpoint: Path) -> None:
