@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # pragma: no cover - run as a file, not as a modu
 
 from . import ENGINE_NAME, __version__
 from .config import ConfigError, TrainConfig
+from .fileio import DISK_FULL_ADVICE, DiskFullError, is_disk_full
 from .protocol import (
     ERROR_KINDS,
     EXIT_CONFIG,
@@ -67,6 +68,11 @@ def _error_kind(exc: BaseException) -> tuple[str, str, str]:
         return "oom", str(exc).splitlines()[0], oom_advice()
     if isinstance(exc, FileExistsError):
         return "config", f"refusing to overwrite {exc.filename}: set overwrite or choose another name", ""
+    if isinstance(exc, DiskFullError):
+        return "disk", str(exc), ""  # the message already says what to do
+    if is_disk_full(exc):
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        return "disk", f"the disk is full{where} ({exc.__class__.__name__}: {exc})", DISK_FULL_ADVICE
     return "internal", f"{exc.__class__.__name__}: {exc}", "see the trainer log (stderr) for the traceback"
 
 

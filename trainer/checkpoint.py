@@ -9,6 +9,7 @@ run is decided there, not here.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,7 +21,15 @@ from typing import Any
 
 import torch
 
-from .fileio import FileInUseError, long_path, replace_with_retry
+from .fileio import (
+    DiskFullError,
+    FileInUseError,
+    ensure_free_space,
+    free_bytes,
+    is_disk_full,
+    long_path,
+    replace_with_retry,
+)
 from .identity import TrainingIdentity
 
 logger = logging.getLogger(__name__)
@@ -155,24 +164,58 @@ def save_checkpoint(output_dir: Path, *, step: int, signature: str, trainable: d
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.{os.getpid()}.tmp"
     shutil.rmtree(long_path(tmp), ignore_errors=True)
+    needed = _tensor_bytes(trainable) + _tensor_bytes(optimizer_state) + _tensor_bytes(lora_tensors)
+    ensure_free_space(root, needed, f"the checkpoint of step {step}")
     Path(long_path(tmp)).mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, long_path(tmp / TENSORS_FILE))
-    extra: dict[str, Any] = {"optimizer": optimizer_state, "scheduler": scheduler_state,
-                             **(rng_state if rng_state is not None else capture_rng_state())}
-    if scaler_state:
-        extra["grad_scaler"] = scaler_state
-    torch.save(extra, long_path(tmp / OPTIMIZER_FILE))
-    if lora_tensors is not None:  # None: a full fine-tune, whose weights are all in TENSORS_FILE
-        save_file(lora_tensors, long_path(tmp / LORA_FILE), metadata=lora_metadata)
-    state: dict[str, Any] = {"step": step, "signature": signature, "data_position": data_position}
-    if identity is not None:
-        state["identity"] = identity.to_dict()
-    Path(long_path(tmp / STATE_FILE)).write_text(json.dumps(state), encoding="utf-8")
+    filled_up: str | None = None
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, long_path(tmp / TENSORS_FILE))
+        extra: dict[str, Any] = {"optimizer": optimizer_state, "scheduler": scheduler_state,
+                                 **(rng_state if rng_state is not None else capture_rng_state())}
+        if scaler_state:
+            extra["grad_scaler"] = scaler_state
+        torch.save(extra, long_path(tmp / OPTIMIZER_FILE))
+        if lora_tensors is not None:  # None: a full fine-tune, whose weights are all in TENSORS_FILE
+            save_file(lora_tensors, long_path(tmp / LORA_FILE), metadata=lora_metadata)
+        state: dict[str, Any] = {"step": step, "signature": signature, "data_position": data_position}
+        if identity is not None:
+            state["identity"] = identity.to_dict()
+        Path(long_path(tmp / STATE_FILE)).write_text(json.dumps(state), encoding="utf-8")
+    except BaseException as exc:
+        # torch.save on a full disk says only "unexpected pos ..." or "file write failed": the free
+        # space tells (the half-written file, still open, holds what there was).
+        if not (isinstance(exc, Exception) and not is_disk_full(exc) and free_bytes(root) < FULL_BELOW_BYTES):
+            # A half-written checkpoint is never resumed (it has no state file); on a full disk its
+            # gigabytes are what the user must get back, so it goes at once.
+            shutil.rmtree(long_path(tmp), ignore_errors=True)
+            raise
+        filled_up = str(exc)
+    if filled_up is not None:
+        # Out here the failed save's traceback is gone, and with it torch's writer and its open file:
+        # only now does removing the file give its space back (and Windows allow removing it at all).
+        shutil.rmtree(long_path(tmp), ignore_errors=True)
+        raise DiskFullError(errno.ENOSPC, f"the disk holding {root} filled up while the checkpoint of step {step} "
+                            f"was saved ({filled_up}); the half-written checkpoint was removed", str(root))
     if final.exists():
         _move_aside(final, root / f".old_step_{step:06d}.{os.getpid()}.tmp")
     replace_with_retry(tmp, final)
     _rotate(output_dir, keep, final, identity)
     return final
+
+
+# Free space below which a failed write is taken for a full disk: a few file-system blocks and buffers.
+FULL_BELOW_BYTES = 16 << 20
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a (nested) state dict: what saving it writes, give or take headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _move_aside(folder: Path, trash: Path) -> None:

@@ -1,5 +1,5 @@
 """File operations that behave the same on Linux, macOS and Windows: hashing, long paths, the
-no-clobber create and replacing a file another program holds open.
+no-clobber create, replacing a file another program holds open, and room on the disk for a file.
 
 Standard library only (no torch), so every module of the engine can import it. The platform-specific
 parts take the operation they wrap as a parameter: tests on Linux inject the failures Windows,
@@ -18,7 +18,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from typing import BinaryIO
+from pathlib import Path
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,89 @@ def long_path(path: str | os.PathLike[str], *, windows: bool | None = None) -> s
     if normal.startswith("\\\\"):  # UNC: \\server\share\... -> \\?\UNC\server\share\...
         return _EXTENDED_PREFIX + "UNC\\" + normal[2:]
     return _EXTENDED_PREFIX + normal
+
+
+# Room left free beyond the file itself: the file system's own bookkeeping, and the machine (ComfyUI's
+# outputs, the OS) must keep working after the trainer has written. 2% of a small disk at most.
+DISK_MARGIN_BYTES = 256 << 20
+DISK_MARGIN_FRACTION = 0.02
+
+# What a full disk looks like where the failing code gives no errno: safetensors' Rust writer
+# ("I/O error: No space left on device (os error 28)") and Windows ("There is not enough space on the disk").
+_DISK_FULL_WORDS = ("no space left on device", "os error 28", "not enough space on the disk")
+
+DISK_FULL_ADVICE = ("free space on that disk and queue the training again: it resumes from its last checkpoint. "
+                    "Checkpoints of earlier trainings (the checkpoints folder beside each LoRA's run) can go; "
+                    "checkpoints_total_limit keeps fewer of them")
+
+
+class DiskFullError(OSError):
+    """The disk has no room for a file the run must write. ``strerror`` says what and where; str()
+    adds what to do."""
+
+    def __str__(self) -> str:
+        return f"{self.strerror}; {DISK_FULL_ADVICE}"  # no "[Errno 28]" prefix
+
+
+def disk_full_reason(exc: BaseException) -> str:
+    """What a full-disk error says happened, without advice (for messages that give their own)."""
+    return str(exc.strerror) if isinstance(exc, DiskFullError) else str(exc)
+
+
+def _size(size: float) -> str:
+    return f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.0f} MB"
+
+
+def free_bytes(folder: str | os.PathLike[str], *, disk_usage: Callable[[str], Any] = shutil.disk_usage) -> int:
+    """Free bytes on the disk that holds ``folder``; it need not exist yet (its nearest existing parent
+    tells which disk)."""
+    return int(_usage(folder, disk_usage).free)
+
+
+def disk_margin(folder: str | os.PathLike[str], *, disk_usage: Callable[[str], Any] = shutil.disk_usage) -> int:
+    """The room ``ensure_free_space`` keeps free on the disk that holds ``folder``."""
+    return min(DISK_MARGIN_BYTES, int(DISK_MARGIN_FRACTION * _usage(folder, disk_usage).total))
+
+
+def _usage(folder: str | os.PathLike[str], disk_usage: Callable[[str], Any]) -> Any:
+    probe = Path(os.path.abspath(folder))
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return disk_usage(long_path(probe))
+
+
+def ensure_free_space(folder: str | os.PathLike[str], needed_bytes: int, what: str, *,
+                      disk_usage: Callable[[str], Any] = shutil.disk_usage) -> None:
+    """Raise DiskFullError unless the disk holding ``folder`` has room for ``needed_bytes`` and a margin.
+
+    Checked before a write, so a full disk is a clear message instead of a half-written file (and a
+    crash that leaves gigabytes of temp files behind). ``folder`` need not exist yet: the nearest
+    existing parent tells which disk. ``disk_usage`` is injectable for tests.
+    """
+    free, margin = free_bytes(folder, disk_usage=disk_usage), disk_margin(folder, disk_usage=disk_usage)
+    if free >= needed_bytes + margin:
+        return
+    raise DiskFullError(
+        errno.ENOSPC,
+        f"not enough disk space to save {what} in {os.fspath(folder)}: it needs {_size(needed_bytes)} (and "
+        f"{_size(margin)} kept free) but the disk has {_size(free)} free. Nothing was written",
+        os.fspath(folder),
+    )
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk or an exhausted quota."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        if isinstance(exc, OSError) and getattr(exc, "winerror", None) in (39, 112):  # ERROR_HANDLE_DISK_FULL, ERROR_DISK_FULL
+            return True
+        if any(words in str(exc).lower() for words in _DISK_FULL_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class FileInUseError(PermissionError):

@@ -33,7 +33,16 @@ from types import TracebackType
 from typing import IO, Any
 
 from . import ENGINE_NAME
-from .protocol import EXIT_CONFIG, EXIT_DATA, EXIT_INTERNAL, EXIT_OK, EXIT_OOM, EXIT_STOPPED, config_command
+from .protocol import (
+    EXIT_CONFIG,
+    EXIT_DATA,
+    EXIT_DISK_FULL,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_OOM,
+    EXIT_STOPPED,
+    config_command,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +58,7 @@ _EXIT_WORDS = {
     EXIT_DATA: "could not use the training images",
     EXIT_OOM: "ran out of memory",
     EXIT_STOPPED: "stopped",
+    EXIT_DISK_FULL: "ran out of disk space",
 }
 
 

@@ -121,6 +121,14 @@ def kohya_state_dict(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Mod
     return out
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """About the size of the file ``save_file(tensors, metadata=metadata)`` writes: the data, plus a
+    generous bound on the JSON header (a key, a dtype, a shape and two offsets per tensor)."""
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    header = sum(len(key) + 128 for key in tensors) + len(json.dumps(metadata or {}))
+    return data + header
+
+
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], *,
                              overwrite: bool, replace: Callable[[str, str], None] = os.replace,
                              link: Callable[[str, str], None] = os.link,
@@ -128,7 +136,8 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metad
                              replace_delay_s: float = fileio.REPLACE_DELAY_S) -> None:
     """Write to a temp file in the same folder, fsync, then move into place.
 
-    A crash mid-write leaves only the temp file. An existing file is replaced only when
+    A disk without room for the file is a DiskFullError before anything is written. A crash mid-write
+    leaves only the temp file. An existing file is replaced only when
     ``overwrite`` is set, retrying while another program holds it open (Windows refuses to replace
     a LoRA that ComfyUI has loaded); when that never succeeds, the old file is unchanged, the new one
     stays in the temp file and FileInUseError names both. Without ``overwrite`` an existing file
@@ -138,6 +147,7 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metad
     from safetensors.torch import save_file
 
     Path(fileio.long_path(path.parent)).mkdir(parents=True, exist_ok=True)
+    fileio.ensure_free_space(path.parent, safetensors_bytes(tensors, metadata), path.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     keep_tmp = False
     try:

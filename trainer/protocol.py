@@ -41,8 +41,10 @@ EXIT_CONFIG = 2  # argparse also uses 2 for bad command lines
 EXIT_DATA = 3
 EXIT_OOM = 4
 EXIT_STOPPED = 5
+EXIT_DISK_FULL = 6
 
-ERROR_KINDS = {"config": EXIT_CONFIG, "data": EXIT_DATA, "oom": EXIT_OOM, "internal": EXIT_INTERNAL}
+ERROR_KINDS = {"config": EXIT_CONFIG, "data": EXIT_DATA, "oom": EXIT_OOM, "disk": EXIT_DISK_FULL,
+               "internal": EXIT_INTERNAL}
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from . import __version__, checkpoint, data, full_finetune, identity, lora, sampling
+from . import __version__, checkpoint, data, fileio, full_finetune, identity, lora, sampling
 from . import buckets as bucketing
 from .config import ConfigError, TrainConfig
 from .fileio import long_path
@@ -33,6 +33,12 @@ from .run_folder import sample_path
 from .runtime import Runtime, free_accelerator_memory, peak_memory_gb, resolve_runtime, upcast_attention
 
 logger = logging.getLogger(__name__)
+
+
+_T = TypeVar("_T")
+
+# How often a save that waits for disk space tries again.
+DISK_RETRY_S = 5.0
 
 
 @dataclass
@@ -457,21 +463,56 @@ class TrainingRun:
                                      lora.SAVE_DTYPES[self.config.save_precision])
 
     def save_checkpoint(self) -> Path | None:
+        """This step's checkpoint; None where none was saved (another process, or no room on the disk)."""
         path = None
         if self.accelerator.is_main_process:
             trainable = {prefix + k: v for prefix, m in self._named_models()
                          for k, v in lora.trainable_state(m).items()}
-            path = checkpoint.save_checkpoint(
+            path = self._room_for(lambda: checkpoint.save_checkpoint(
                 self.output_dir, step=self.step, signature=self.signature(), trainable=trainable,
                 optimizer_state=self.optimizer.state_dict(), scheduler_state=self.lr_scheduler.state_dict(),
                 lora_tensors=self._kohya(), lora_metadata=self._metadata(),
                 keep=self.config.checkpoints_total_limit, data_position=self.data_position(),
                 scaler_state=self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
-                identity=self.identity)
-            self.events.emit("checkpoint", step=self.step, path=str(path),
-                             lora_path=None if self.full else str(path / checkpoint.LORA_FILE))
+                identity=self.identity), f"the checkpoint of step {self.step}", wait=False)
+            if path is not None:
+                self.events.emit("checkpoint", step=self.step, path=str(path),
+                                 lora_path=None if self.full else str(path / checkpoint.LORA_FILE))
         self.accelerator.wait_for_everyone()
         return path
+
+    def _room_for(self, save: Callable[[], _T], what: str, *, wait: bool) -> _T | None:
+        """``save()``, with a full disk handled; on the main process only (the caller's barrier follows).
+
+        A checkpoint (``wait=False``) that does not fit is skipped with a warning: the training goes on,
+        and what it exists for is much smaller. The files the run exists for (``wait=True``: the LoRA,
+        the model, the LoRAs asked for at steps) wait for room instead - hours of training are not
+        thrown away for want of a few MB. The run says so once and tries again every DISK_RETRY_S
+        until there is room, or until it is stopped, which ends it with the disk error.
+        """
+        waiting = False
+        while True:
+            try:
+                result = save()
+            except Exception as exc:
+                if not fileio.is_disk_full(exc):
+                    raise
+                reason = fileio.disk_full_reason(exc)
+                if not wait:
+                    self.events.status(f"{what} was skipped: {reason}. The training goes on, but cannot resume "
+                                       "from this step", level="warning")
+                    return None
+                if not waiting:
+                    waiting = True
+                    self.events.status(f"waiting for disk space: {reason}. Free space on that disk and the save "
+                                       f"is tried again every {DISK_RETRY_S:.0f} s; stop the training to give up",
+                                       level="warning")
+                if self.commands.stop.wait(DISK_RETRY_S):
+                    raise
+            else:
+                if waiting:
+                    self.events.status(f"{what}: saved (the disk had room again)")
+                return result
 
     def data_position(self) -> dict[str, int]:
         """Where the next micro-batch starts in the (epoch-shuffled) instance stream."""
@@ -531,14 +572,17 @@ class TrainingRun:
         if self.accelerator.is_main_process and not (
                 keep_this_trainings and Path(long_path(path)).exists() and self._holds_this_training(path)):
             # check_intermediate_loras already refused another training's file; this training's is rewritten.
-            lora.write_safetensors_atomic(self._kohya(), path, self._metadata(), overwrite=True)
+            self._room_for(lambda: lora.write_safetensors_atomic(self._kohya(), path, self._metadata(), overwrite=True),
+                           f"the LoRA of step {self.step}", wait=True)
             self.events.status(f"saved the LoRA of step {self.step} as {path.name}")
         self.accelerator.wait_for_everyone()
 
     def save_final_lora(self) -> Path:
         path = Path(self.config.output_path)
         if self.accelerator.is_main_process:
-            lora.write_safetensors_atomic(self._kohya(), path, self._metadata(), overwrite=self.config.overwrite)
+            self._room_for(lambda: lora.write_safetensors_atomic(self._kohya(), path, self._metadata(),
+                                                                 overwrite=self.config.overwrite),
+                           f"the LoRA {path.name}", wait=True)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -555,7 +599,8 @@ class TrainingRun:
             dtype = lora.SAVE_DTYPES[cfg.save_precision]
             meta = full_finetune.checkpoint_metadata(self._metadata())
             tensors = full_finetune.checkpoint_tensors(Path(cfg.pretrained_model), self.base.family, unet, te, dtype)
-            lora.write_safetensors_atomic(tensors, path, meta, overwrite=cfg.overwrite)
+            self._room_for(lambda: lora.write_safetensors_atomic(tensors, path, meta, overwrite=cfg.overwrite),
+                           f"the model {path.name}", wait=True)
             del tensors
             if lora_path is not None:
                 self.events.status(f"extracting a rank-{cfg.extract_lora_rank} LoRA from the weight change")
@@ -565,9 +610,11 @@ class TrainingRun:
                 if te is not None:
                     pairs.append(("lora_te", self.source.text_encoders()[0].to(self.device), te))
                 extracted, layers = full_finetune.extract_lora(pairs, cfg.extract_lora_rank, dtype)
-                lora.write_safetensors_atomic(
-                    extracted, lora_path, full_finetune.extracted_lora_metadata(
-                        self._metadata(), cfg.extract_lora_rank, path.name), overwrite=cfg.overwrite)
+                extracted_metadata = full_finetune.extracted_lora_metadata(self._metadata(), cfg.extract_lora_rank,
+                                                                           path.name)
+                self._room_for(lambda: lora.write_safetensors_atomic(extracted, lora_path, extracted_metadata,
+                                                                     overwrite=cfg.overwrite),
+                               f"the extracted LoRA {lora_path.name}", wait=True)
                 self.events.status(f"saved {lora_path.name}: {layers} layers at rank <= {cfg.extract_lora_rank}")
         self.accelerator.wait_for_everyone()
         return path, lora_path
@@ -766,7 +813,9 @@ class TrainingRun:
             stop, sample_now, save_now = self.take_commands()
             if stop:
                 path = self.save_checkpoint()
-                events.status(f"stopped at step {self.step}; checkpoint saved")
+                saved = path is not None or not self.accelerator.is_main_process
+                events.status(f"stopped at step {self.step}; " + (
+                    "checkpoint saved" if saved else "no room on the disk for its checkpoint: it cannot resume here"))
                 return RunResult("stopped", self.step, path / checkpoint.LORA_FILE if path and not self.full else None)
             started = time.perf_counter()
             metrics = self.optimisation_step()
