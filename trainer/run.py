@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ from . import __version__, checkpoint, data, fileio, full_finetune, identity, lo
 from . import buckets as bucketing
 from .config import ConfigError, TrainConfig
 from .fileio import long_path
+from .latents import LatentCache
 from .models import BaseModel, ModelSource, drop_vae_decoder
 from .prompts import Conditioning, encode_prompts, size_ids, token_ids, unet_kwargs
 from .protocol import Commands, EventWriter, StopRequested
@@ -49,62 +50,6 @@ class RunResult:
     # None when there is none (stopped before the first step; a full fine-tune without extraction).
     lora_path: Path | None
     checkpoint_path: Path | None = None  # training_method 'full': the single-file model, when done
-
-
-class LatentCache:
-    """VAE posteriors (mean, std) of images (and their mirrors, with random_flip).
-
-    With ``keep``, ``fill()`` encodes everything once, in batches of one size each (aspect buckets
-    give images of several sizes), so the VAE can be freed before the first step and never shares
-    memory with training; without it (``cache_latents`` off), ``get()`` encodes on demand every time.
-    ``recrop(index, bucket)``: the image cut to another bucket (prior preservation's square class
-    images in an instance batch's bucket); entries are kept per bucket.
-    """
-
-    def __init__(self, pixels: list[torch.Tensor], encode: Any, *, keep: bool, flips: bool,
-                 recrop: Callable[[int, bucketing.Bucket], torch.Tensor] | None = None) -> None:
-        self.pixels = pixels
-        self._encode = encode
-        self.keep = keep
-        self.flips = flips
-        self.recrop = recrop
-        self.entries: dict[tuple[int, bool, bucketing.Bucket], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def bucket_of(self, index: int) -> bucketing.Bucket:
-        return self.pixels[index].shape[-1], self.pixels[index].shape[-2]
-
-    def _pixels(self, index: int, bucket: bucketing.Bucket) -> torch.Tensor:
-        if bucket == self.bucket_of(index):
-            return self.pixels[index]
-        if self.recrop is None:
-            raise ValueError(f"image {index} is {self.bucket_of(index)}, not {bucket}, and cannot be cut again")
-        return self.recrop(index, bucket)
-
-    def get(self, index: int, flip: bool, bucket: bucketing.Bucket | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (index, flip, bucket or self.bucket_of(index))
-        if key in self.entries:
-            return self.entries[key]
-        pixels = self._pixels(index, key[2])
-        mean, std = self._encode([pixels.flip(-1) if flip else pixels])
-        entry = (mean[0], std[0])
-        if self.keep:
-            self.entries[key] = entry
-        return entry
-
-    def fill(self, buckets: Sequence[bucketing.Bucket] | None = None) -> None:
-        """Encode every image at its own size, or (``buckets``) cut to each of those buckets."""
-        groups: dict[bucketing.Bucket, list[int]] = {}
-        if buckets is None:
-            for i in range(len(self.pixels)):
-                groups.setdefault(self.bucket_of(i), []).append(i)
-        else:
-            groups = {b: list(range(len(self.pixels))) for b in buckets}
-        for bucket, indices in groups.items():
-            pixels = [self._pixels(i, bucket) for i in indices]
-            for flip in (False, True) if self.flips else (False,):
-                mean, std = self._encode([p.flip(-1) if flip else p for p in pixels])
-                for row, i in enumerate(indices):
-                    self.entries[(i, flip, bucket)] = (mean[row], std[row])
 
 
 class TrainingRun:
@@ -671,7 +616,7 @@ class TrainingRun:
                  for j in range(bs)]
         bucket = self.instance_prepared[picks[0]].bucket
         if self.instance_latents is not None:
-            latents = self._sample_latents(self.instance_latents, picks, flips, gen)
+            latents = self.instance_latents.sample(picks, flips, gen).to(self.device)
             geometry = [self.instance_prepared[i].geometry for i in picks]
         else:
             pixels, geometry = [], []
@@ -688,8 +633,7 @@ class TrainingRun:
         if self.class_latents is not None:
             class_picks = data.sample_stream(len(self.class_records), cfg.seed + 1, start, bs)
             in_bucket = bucket if cfg.aspect_buckets else None
-            latents = torch.cat([latents, self._sample_latents(self.class_latents, class_picks, flips, gen,
-                                                               in_bucket)])
+            latents = torch.cat([latents, self.class_latents.sample(class_picks, flips, gen, in_bucket).to(self.device)])
             prompts += [cfg.class_prompt] * bs
             for i, flip in zip(class_picks, flips, strict=True):
                 square = self.class_prepared[i].geometry
@@ -698,13 +642,6 @@ class TrainingRun:
                          if cfg.aspect_buckets else square)
                 geometry.append(where.flipped() if flip else where)
         return latents * self.vae_scaling, prompts, geometry
-
-    def _sample_latents(self, cache: LatentCache, picks: list[int], flips: list[bool],
-                        gen: torch.Generator, bucket: bucketing.Bucket | None = None) -> torch.Tensor:
-        rows = [cache.get(idx, flip, bucket) for idx, flip in zip(picks, flips, strict=True)]
-        mean = torch.stack([r[0] for r in rows])
-        std = torch.stack([r[1] for r in rows])
-        return mean + std * torch.randn(mean.shape, generator=gen).to(self.device, mean.dtype)
 
     def _embeddings(self, prompts: list[str]) -> Conditioning:
         if self.embedding_cache is not None:
