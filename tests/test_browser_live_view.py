@@ -11,6 +11,9 @@ and stops it. Page errors and console errors fail the test.
 Needs Chromium, Node and playwright-core (``tests/support/browser.py``); ``python3 scripts/dev.py
 test --legs browser`` installs what is missing. Run directly, the tests skip when Chromium or Node
 is missing. Screenshots of the panel go to pytest's tmp folder; their paths are printed.
+
+A second check runs one training whose LoRA folder is a full disk (a small tmpfs): the panel must say
+that the run waits for disk space for as long as it waits, and finish once the test frees the space.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dreambooth_test_support import browser
+from dreambooth_test_support import browser, disks
 from dreambooth_test_support.comfyui import ComfyServer
 from dreambooth_test_support.paths import PACK_NAME, REPO_ROOT
 from dreambooth_test_support.training import copy_dog_photos
@@ -49,6 +52,10 @@ SHORT_RUN = {
 }
 # Class-image generation would double every step and add minutes before the first one.
 REMOVED_NODES = ["DreamBoothPriorPreservation"]
+# A run that only has to reach its end: its LoRA then waits for room on the full disk.
+DISK_FULL_RUN = {"resolution": 64, "steps": 3, "rank": 4, "train_text_encoder": False, "validation_prompts": ""}
+# How long the panel shows a passing message (BRIEF_MS in web/dreambooth.js).
+BRIEF_MS = 4000
 # Seconds; each wait in the driver names what it waited for when it runs out.
 TIMEOUTS = {"boot": 60, "firstStep": 150, "train": 90, "stop": 60, "history": 30, "resume": 150}
 
@@ -161,3 +168,43 @@ def test_live_view_stop_reload_resume(frontend: Frontend, tools: dict[str, Any],
     assert seen["reloaded"]["points"] >= stopped["points"], detail
     # The resumed run carries the curve up to its checkpoint on.
     assert final["step"] >= stopped["step"] and final["points"] >= stopped["points"], detail
+
+
+def test_live_view_keeps_saying_the_run_waits_for_disk_space(tools: dict[str, Any], comfyui_root: Path,
+                                                              tiny_checkpoint: Path, tmp_path: Path) -> None:
+    frontend = FRONTENDS[1]  # the newest frontend, classic canvas: the panel's logic is the same in all
+    server = ComfyServer(comfyui_root, tmp_path / "comfy base",
+                         extra_args=["--front-end-root", str(browser.ensure_frontend(frontend.version))])
+    loras = server.models_dir / "loras"
+    disks.mount_small_disk(loras, 64)
+    try:
+        prepare_server(server, tiny_checkpoint, frontend)
+        filler = disks.fill(loras, 4096)
+        workflow = json.loads((REPO_ROOT / "example_workflows" / f"{WORKFLOW}.json").read_text(encoding="utf-8"))
+        with server:
+            config = {
+                "url": server.url, "chromium": tools["chromium"], "args": CHROMIUM_ARGS,
+                "profile": str(tmp_path / "browser profile"), "viewport": VIEWPORT, "label": f"{frontend.label}-disk",
+                "workflow": workflow, "workflowName": f"{WORKFLOW}.json", "removeTypes": REMOVED_NODES,
+                "widgets": DISK_FULL_RUN, "timeouts": TIMEOUTS, "screenshotDir": str(tmp_path / "screenshots"),
+                "scenario": "disk full", "filler": str(filler), "briefMs": BRIEF_MS,
+            }
+            report = run_driver(tools, config, tmp_path, timeout=sum(TIMEOUTS.values()) + 120)
+            server_log = server.log_tail(6000)
+        lora_names = sorted(p.name for p in loras.rglob("*.safetensors"))
+    finally:
+        disks.unmount(loras)
+    for kind, path in report.get("screenshots", {}).items():
+        print(f"disk full screenshot ({kind}): {path}")
+    seen = report.get("seen", {})
+    detail = ("problems:\n  " + "\n  ".join(report["problems"]) + f"\nseen: {json.dumps(seen, indent=1)}\n"
+              "the pack's websocket messages (last 40):\n  " + "\n  ".join(report.get("events", [])[-40:]) +
+              f"\ndriver log (tail):\n{report['driver_log'][-3000:]}\nComfyUI log (tail):\n{server_log}")
+    assert not report["problems"], detail
+    lora_name = Path(api_inputs(WORKFLOW, "DreamBoothTrain")["lora_name"]).name
+    waiting = seen["waiting"]["status"]
+    assert waiting.startswith(f"waiting for disk space: not enough disk space to save {lora_name}.safetensors in "), detail
+    assert str(loras) in waiting and "stop the training to give up" in waiting, detail
+    assert seen["waitingLevel"] == "warning" and seen["stillWaiting"]["status"] == waiting, detail
+    assert seen["final"]["status"].startswith("done: 3 steps"), detail
+    assert lora_names == [f"{lora_name}.safetensors"], lora_names

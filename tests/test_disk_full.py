@@ -4,15 +4,14 @@ a bare "unexpected pos 576 vs 534". In a training, a checkpoint with no room is 
 and the LoRA waits for room (the training is not thrown away); stopping while it waits ends the run
 with its own exit code, the earlier LoRA untouched.
 
-Real full disks: a small tmpfs mounted for the test (Linux, as root, which CI is; elsewhere these tests
-skip and say why). The sizes the checks compare are the real ones: tmpfs reports its own free space.
+Real full disks: a small tmpfs mounted for the test (``dreambooth_test_support.disks``). The sizes the
+checks compare are the real ones: tmpfs reports its own free space.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,32 +23,19 @@ import pytest
 import torch
 from comfyui_dreambooth_lora.trainer import checkpoint, fileio, lora, protocol
 from comfyui_dreambooth_lora.trainer.__main__ import _error_kind
+from dreambooth_test_support import disks
 from dreambooth_test_support.paths import REPO_ROOT
 from dreambooth_test_support.training import copy_dog_photos, make_config
 from safetensors.torch import load_file, save_file
-
-
-def _mount_small_disk(path: Path, size_mb: int) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    why = "mounting a tmpfs needs Linux and root"
-    if sys.platform.startswith("linux") and hasattr(os, "geteuid") and os.geteuid() == 0:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode == 0:
-            return
-        why = f"mount -t tmpfs failed: {proc.stderr.strip()}"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and sys.platform.startswith("linux"):
-        pytest.fail(f"CI is set but a small disk could not be made for the full-disk tests ({why})")
-    pytest.skip(f"no small disk to fill ({why})")
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MB disk (tmpfs), unmounted after the test."""
     path = tmp_path / "small disk"
-    _mount_small_disk(path, 2)
+    disks.mount_small_disk(path, 2)
     yield path
-    subprocess.run(["umount", str(path)], check=False)
+    disks.unmount(path)
 
 
 def _tensors(megabytes: float) -> dict[str, torch.Tensor]:
@@ -146,16 +132,6 @@ def test_a_checkpoint_that_fills_the_disk_is_removed_and_named(small_disk: Path,
     assert fileio.free_bytes(small_disk) > 1.5 * 2**20  # its space is back
 
 
-def _fill(disk: Path, leave_bytes: int) -> Path:
-    """A file that leaves ``leave_bytes`` free on ``disk`` beyond the margin the trainer keeps."""
-    filler = disk / "filler.bin"
-    size = fileio.free_bytes(disk) - fileio.disk_margin(disk) - leave_bytes
-    with open(filler, "wb") as handle:
-        handle.truncate(0)
-        handle.write(b"\0" * size)
-    return filler
-
-
 def _events_until(proc: subprocess.Popen[str], wanted: Callable[[dict[str, Any]], bool],
                   seen: list[dict[str, Any]]) -> dict[str, Any]:
     assert proc.stdout is not None
@@ -178,7 +154,7 @@ def test_a_training_on_a_full_disk_skips_checkpoints_and_waits_to_save_its_lora(
     free. Its checkpoints are skipped with a warning; the LoRA waits. Freeing space lets it land; a
     stop instead ends the run with the disk exit code and the earlier LoRA untouched."""
     disk = tmp_path / "full disk"
-    _mount_small_disk(disk, 64)
+    disks.mount_small_disk(disk, 64)
     proc: subprocess.Popen[str] | None = None
     try:
         config = make_config(tiny_checkpoint, copy_dog_photos(tmp_path / "photos"), disk / "run",
@@ -188,7 +164,7 @@ def test_a_training_on_a_full_disk_skips_checkpoints_and_waits_to_save_its_lora(
         lora_path.parent.mkdir(parents=True, exist_ok=True)
         save_file(_tensors(0.01), str(lora_path))  # an earlier training's LoRA, kept if this one gives up
         before = lora_path.read_bytes()
-        filler = _fill(disk, 4096)
+        filler = disks.fill(disk, 4096)
         config_file = tmp_path / "run.json"
         config_file.write_text(json.dumps(config.to_dict()), encoding="utf-8")
         proc = subprocess.Popen([sys.executable, "-m", "trainer", "--config", str(config_file)], cwd=REPO_ROOT,
@@ -197,7 +173,7 @@ def test_a_training_on_a_full_disk_skips_checkpoints_and_waits_to_save_its_lora(
         assert proc.stdin is not None
         seen: list[dict[str, Any]] = []
         waiting = _events_until(proc, _waiting, seen)
-        assert str(disk) in waiting["message"] and waiting["level"] == "warning"
+        assert str(disk) in waiting["message"] and waiting["level"] == "warning" and waiting["waiting"] == "disk"
         assert "Nothing was written" in waiting["message"] and "stop the training to give up" in waiting["message"]
         skipped = [e["message"] for e in seen if e["type"] == "status" and " was skipped: " in e["message"]]
         assert [m.split(" was skipped")[0] for m in skipped] == ["the checkpoint of step 1", "the checkpoint of step 2"]
@@ -227,7 +203,7 @@ def test_a_training_on_a_full_disk_skips_checkpoints_and_waits_to_save_its_lora(
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-        subprocess.run(["umount", str(disk)], check=False)
+        disks.unmount(disk)
 
 
 def test_the_node_says_the_trainer_ran_out_of_disk_space() -> None:

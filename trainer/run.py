@@ -451,7 +451,7 @@ class TrainingRun:
                     waiting = True
                     self.events.status(f"waiting for disk space: {reason}. Free space on that disk and the save "
                                        f"is tried again every {DISK_RETRY_S:.0f} s; stop the training to give up",
-                                       level="warning")
+                                       level="warning", waiting="disk")  # the live view keeps it shown
                 if self.commands.stop.wait(DISK_RETRY_S):
                     raise
             else:

@@ -128,7 +128,7 @@ function reset(panel) {
     run: null, losses: [], samples: [], selected: null, pinned: false, total: 0, train: null,
     phase: null, phaseStep: 0, phaseTotal: 0, rate: null, eta: null, vram: null, lastTiming: null,
     base: "idle: queue the prompt to train", level: "info", brief: null, final: null, resumed: null,
-    stopping: false, hoverIndex: null,
+    stopping: false, hoverIndex: null, waiting: false,
   });
   panel.gallery.replaceChildren();
   panel.image.hidden = true;
@@ -222,7 +222,20 @@ function apply(panel, event, replaying = false) {
       } else if (message.startsWith("resumed from")) {
         panel.resumed = message;
         panel.base = message;
+      } else if (event.waiting) {
+        // A wait that lasts until the user acts (no room on the disk for the LoRA): on the line until it
+        // ends, not a passing message that leaves "training" at the last step with no reason given.
+        panel.waiting = true;
+        panel.base = message;
+        panel.level = "warning";
+        clearTimeout(panel.briefTimer);
+        panel.brief = null;
       } else if (panel.train) {
+        if (panel.waiting) {
+          panel.waiting = false;
+          panel.base = training(panel);
+          panel.level = "info";
+        }
         setBrief(panel, message, level, replaying);
       } else {
         panel.base = message;

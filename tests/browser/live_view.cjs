@@ -66,6 +66,7 @@ async function main() {
   await closeDialogs("load");
   await page.evaluate(showNode, node);
   await waitFor("the train node's live panel", () => !!document.querySelector(".dreambooth-status"), null, 20);
+  if (cfg.scenario === "disk full") return diskFull(node);
 
   enter("queue the training");
   await queueFromPage();
@@ -130,6 +131,33 @@ async function main() {
   await waitForIdleServer("the resumed prompt to leave the server's queue");
   if (report.seen.final.step < stoppedAt)
     problem(`the resumed run stopped at step ${report.seen.final.step}, before the first stop (${stoppedAt})`);
+  enter("done");
+}
+
+// The LoRA's folder is a full disk (cfg.filler fills it): the panel must keep saying why the run sits at
+// its last step for as long as it waits, not for a passing moment, and finish once the space is freed.
+async function diskFull(node) {
+  enter("queue the training");
+  await queueFromPage();
+  const waiting = await waitFor("the status 'waiting for disk space: ...'",
+                                () => { const t = document.querySelector(".dreambooth-status")?.textContent ?? "";
+                                        return t.startsWith("waiting for disk space") ? t : false; },
+                                null, cfg.timeouts.firstStep + cfg.timeouts.train);
+  report.seen.waiting = await page.evaluate(readPanel);
+  report.seen.waitingLevel = await page.evaluate(() => document.querySelector(".dreambooth-status")?.dataset.level ?? null);
+  enter("still waiting");
+  await page.waitForTimeout(cfg.briefMs + 1500); // longer than a passing message stays
+  report.seen.stillWaiting = await page.evaluate(readPanel);
+  if (report.seen.stillWaiting.status !== waiting)
+    problem(`the waiting message went away while the trainer still waits: ${JSON.stringify(report.seen.stillWaiting.status)}`);
+  await screenshots(node);
+  enter("free the space");
+  fs.unlinkSync(cfg.filler);
+  await waitFor("the status 'done: N steps' once the disk has room",
+                () => /^done: \d+ steps/.test(document.querySelector(".dreambooth-status")?.textContent ?? ""),
+                null, cfg.timeouts.stop);
+  report.seen.final = await page.evaluate(readPanel);
+  await waitForIdleServer("the prompt to leave the server's queue");
   enter("done");
 }
 
