@@ -175,6 +175,15 @@ def test_a_training_on_a_full_disk_skips_checkpoints_and_waits_to_save_its_lora(
         waiting = _events_until(proc, _waiting, seen)
         assert str(disk) in waiting["message"] and waiting["level"] == "warning" and waiting["waiting"] == "disk"
         assert "Nothing was written" in waiting["message"] and "stop the training to give up" in waiting["message"]
+        # Said before the first step, not first when it happens.
+        early = [i for i, e in enumerate(seen) if e["type"] == "status" and e["message"].startswith("the disk holding ")]
+        first_step = next(i for i, e in enumerate(seen) if e["type"] == "metrics")
+        assert len(early) == 2 and early[-1] < first_step, [e for e in seen if e["type"] == "status"]
+        checkpoints, result = (seen[i]["message"] for i in early)
+        assert checkpoints.startswith(f"the disk holding {disk / 'run' / 'checkpoints'} has ")
+        assert "each checkpoint of this training needs about" in checkpoints and "cannot resume" in checkpoints
+        assert f"and the LoRA {lora_path.name} of this training needs about " in result
+        assert "it will wait for room when the training ends" in result
         skipped = [e["message"] for e in seen if e["type"] == "status" and " was skipped: " in e["message"]]
         assert [m.split(" was skipped")[0] for m in skipped] == ["the checkpoint of step 1", "the checkpoint of step 2"]
         assert all("cannot resume from this step" in m for m in skipped)

@@ -94,8 +94,11 @@ def disk_full_reason(exc: BaseException) -> str:
     return str(exc.strerror) if isinstance(exc, DiskFullError) else str(exc)
 
 
-def _size(size: float) -> str:
-    return f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.0f} MB"
+def size_text(size: float) -> str:
+    """'9.80 GB' / '12 MB' / '340 KB': sizes as messages give them."""
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GB"
+    return f"{size / 2**20:.0f} MB" if size >= 2**20 else f"{size / 2**10:.0f} KB"
 
 
 def free_bytes(folder: str | os.PathLike[str], *, disk_usage: Callable[[str], Any] = shutil.disk_usage) -> int:
@@ -129,8 +132,8 @@ def ensure_free_space(folder: str | os.PathLike[str], needed_bytes: int, what: s
         return
     raise DiskFullError(
         errno.ENOSPC,
-        f"not enough disk space to save {what} in {os.fspath(folder)}: it needs {_size(needed_bytes)} (and "
-        f"{_size(margin)} kept free) but the disk has {_size(free)} free. Nothing was written",
+        f"not enough disk space to save {what} in {os.fspath(folder)}: it needs {size_text(needed_bytes)} (and "
+        f"{size_text(margin)} kept free) but the disk has {size_text(free)} free. Nothing was written",
         os.fspath(folder),
     )
 

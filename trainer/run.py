@@ -504,6 +504,41 @@ class TrainingRun:
                                   "replace it, move it away, or choose another name (save_lora_every_n_steps "
                                   "saves a LoRA there at that step)")
 
+    def check_disk_space(self) -> None:
+        """Warn before the first step where a disk will not hold what this run saves: said at the start, not
+        hours later when a checkpoint is skipped or the LoRA has to wait for room (see ``_room_for``).
+
+        Sizes from the trained weights: a checkpoint holds them in fp32 with adamw's two fp32 moments (or
+        adamw8bit's two 8-bit ones) and the LoRA file; the result is the LoRA at save_precision, or for a
+        full fine-tune the whole base checkpoint at save_precision.
+        """
+        if not self.accelerator.is_main_process:
+            return
+        cfg = self.config
+        params = [p for model in self.trainable_models for p in model.parameters() if p.requires_grad]
+        count = sum(p.numel() for p in params)
+        save_bytes = lora.SAVE_DTYPES[cfg.save_precision].itemsize
+        if self.full:
+            from .safetensors_file import read_header
+
+            tensors = read_header(Path(long_path(cfg.pretrained_model))).tensors.values()
+            result, result_name = sum(math.prod(t.shape) for t in tensors) * save_bytes, "the model"
+        else:
+            result, result_name = count * save_bytes, "the LoRA"
+        moments = count * (8 if cfg.optimizer == "adamw" else 2)
+        each_checkpoint = sum(p.numel() * p.element_size() for p in params) + moments + (0 if self.full else result)
+        output = Path(cfg.output_path)
+        for folder, needed, what, then in (
+                (checkpoint.checkpoint_root(self.output_dir), each_checkpoint, "each checkpoint",
+                 "checkpoints will be skipped while there is no room, and the training cannot resume from those "
+                 "steps"),
+                (output.parent, result, f"{result_name} {output.name}", "it will wait for room when the training ends")):
+            free = fileio.free_bytes(folder)
+            if free < needed + fileio.disk_margin(folder):
+                self.events.status(f"the disk holding {folder} has {fileio.size_text(free)} free, and {what} of this "
+                                   f"training needs about {fileio.size_text(needed)}: {then}. Free space there before "
+                                   "it comes to that", level="warning")
+
     def _holds_this_training(self, path: Path) -> bool:
         return _identity_key(path) == self.identity.key()
 
@@ -731,7 +766,8 @@ class TrainingRun:
         # Checks before work, cheapest first: the config is valid already; then the model file's
         # header and size, then every photo; only then is anything loaded.
         for phase in (self.check_model, self.load_data, self.load_model, self.prepare_class_images,
-                      self.build_caches, self.setup_training, self.resume_if_possible, self.check_intermediate_loras):
+                      self.build_caches, self.setup_training, self.resume_if_possible, self.check_intermediate_loras,
+                      self.check_disk_space):
             self.commands.check_stop()
             phase()
         for model in self.trainable_models:
