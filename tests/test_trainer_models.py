@@ -87,6 +87,28 @@ def test_a_vae_without_decoder_has_the_same_encoder_and_reads_no_decoder_weight(
     assert channels_last_convs(source.unet(channels_last=True)) and not channels_last_convs(source.unet())
 
 
+def _same_weights(direct: torch.nn.Module, widened: torch.nn.Module, dtype: torch.dtype) -> None:
+    mine, theirs = direct.state_dict(), widened.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key, value in mine.items():
+        assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), key
+    assert all(p.dtype == dtype for p in direct.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_components_read_in_the_run_dtype_equal_the_fp32_ones_cast(tiny_checkpoint: Path, dtype: torch.dtype) -> None:
+    """A LoRA training in half precision reads the frozen UNet and text encoders straight in that dtype
+    (never widened to fp32 first): the very weights a cast of the fp32 load gives."""
+    source = models.ModelSource(str(tiny_checkpoint))
+    _same_weights(source.unet(dtype=dtype), source.unet().to(dtype), dtype)
+    for direct, widened in zip(source.text_encoders(dtype=dtype), source.text_encoders(), strict=True):
+        _same_weights(direct, widened.to(dtype), dtype)
+    unet = source.unet(channels_last=True, dtype=dtype)
+    assert channels_last_convs(unet) and all(p.dtype == dtype for p in unet.parameters())
+    # Reading in one dtype leaves the file's default for the next component: the VAE stays fp32.
+    assert all(p.dtype == torch.float32 for p in source.vae().parameters())
+
+
 def channels_last_convs(unet: torch.nn.Module) -> bool:
     convs = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
     return bool(convs) and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
@@ -122,6 +144,9 @@ def test_diffusers_folder_loads(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert again.family == "sd1"
     for a, b in zip(base.unet.parameters(), again.unet.parameters(), strict=True):
         assert torch.equal(a, b)
+    half = models.ModelSource(str(folder))
+    _same_weights(half.unet(dtype=torch.float16), base.unet.half(), torch.float16)
+    _same_weights(half.text_encoders(dtype=torch.float16)[0], base.text_encoders[0].half(), torch.float16)
     with pytest.raises(ConfigError, match="not a diffusers model folder"):
         models.load_base_model(str(tmp_path))
 

@@ -160,7 +160,7 @@ class TrainingRun:
         # precision); a LoRA training keeps the frozen base in the run's weight dtype.
         trained_dtype = torch.float32 if self.full else self.runtime.weight_dtype
         te_dtype = trained_dtype if cfg.train_text_encoder else self.runtime.weight_dtype
-        text_encoders = [te.to(self.device, dtype=te_dtype) for te in source.text_encoders()]
+        text_encoders = [te.to(self.device) for te in source.text_encoders(dtype=te_dtype)]
         self.commands.check_stop()  # each component takes seconds to minutes: a stop need not wait for all
         self.token_ids = {p: token_ids(self.tokenizers, p) for p in self._training_prompts()}
         self.embedding_cache: dict[str, Conditioning] | None = None
@@ -170,7 +170,7 @@ class TrainingRun:
             text_encoders = []
             free_accelerator_memory()
         self.commands.check_stop()
-        unet = source.unet(channels_last=self.runtime.channels_last).to(self.device, dtype=trained_dtype)
+        unet = source.unet(channels_last=self.runtime.channels_last, dtype=trained_dtype).to(self.device)
         self.commands.check_stop()
         needs_decoder = bool(cfg.validation_prompts) or cfg.with_prior_preservation
         # The VAE always runs in fp32 (it is never trained): SDXL's overflows to NaN in fp16, and the
