@@ -184,7 +184,9 @@ def save_checkpoint(output_dir: Path, *, step: int, signature: str, trainable: d
     except BaseException as exc:
         # torch.save on a full disk says only "unexpected pos ..." or "file write failed": the free
         # space tells (the half-written file, still open, holds what there was).
-        if not (isinstance(exc, Exception) and not is_disk_full(exc) and free_bytes(root) < FULL_BELOW_BYTES):
+        unnamed_full_disk = (isinstance(exc, Exception) and not is_disk_full(exc)
+                             and free_bytes(root) < FULL_BELOW_BYTES)
+        if not unnamed_full_disk:
             # A half-written checkpoint is never resumed (it has no state file); on a full disk its
             # gigabytes are what the user must get back, so it goes at once.
             shutil.rmtree(long_path(tmp), ignore_errors=True)
