@@ -109,7 +109,11 @@ def free_bytes(folder: str | os.PathLike[str], *, disk_usage: Callable[[str], An
 
 def disk_margin(folder: str | os.PathLike[str], *, disk_usage: Callable[[str], Any] = shutil.disk_usage) -> int:
     """The room ``ensure_free_space`` keeps free on the disk that holds ``folder``."""
-    return min(DISK_MARGIN_BYTES, int(DISK_MARGIN_FRACTION * _usage(folder, disk_usage).total))
+    return _margin(_usage(folder, disk_usage).total)
+
+
+def _margin(disk_total: int) -> int:
+    return min(DISK_MARGIN_BYTES, int(DISK_MARGIN_FRACTION * disk_total))
 
 
 def _usage(folder: str | os.PathLike[str], disk_usage: Callable[[str], Any]) -> Any:
@@ -127,7 +131,8 @@ def ensure_free_space(folder: str | os.PathLike[str], needed_bytes: int, what: s
     crash that leaves gigabytes of temp files behind). ``folder`` need not exist yet: the nearest
     existing parent tells which disk. ``disk_usage`` is injectable for tests.
     """
-    free, margin = free_bytes(folder, disk_usage=disk_usage), disk_margin(folder, disk_usage=disk_usage)
+    usage = _usage(folder, disk_usage)
+    free, margin = int(usage.free), _margin(usage.total)
     if free >= needed_bytes + margin:
         return
     raise DiskFullError(
