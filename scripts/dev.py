@@ -27,6 +27,7 @@ counts as a failure). Where CI is set, a leg that would skip for a missing tool 
 Every environment is a venv beside the repo built from its requirements file; the requirements
 are re-installed only when that file (or a file it includes with -r/-c) changes: a hash of them
 is kept in `<venv>/.requirements-<file name>.sha256` (for .venv: `.requirements-test.sha256`).
+.venv-tf4 and .venv-comfyui-0.33 hard-link their large files that are identical to .venv's (torch).
 """
 
 from __future__ import annotations
