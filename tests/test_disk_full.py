@@ -221,3 +221,33 @@ def test_the_node_says_the_trainer_ran_out_of_disk_space() -> None:
     error = {"kind": "disk", "message": "not enough disk space to save dog.safetensors in /x: ...", "advice": ""}
     assert describe_exit(protocol.EXIT_DISK_FULL, error, "log tail").startswith(
         "the trainer ran out of disk space: not enough disk space to save dog.safetensors in /x")
+
+
+def _save(disk: Path, step: int, megabytes: float, keep: int) -> Path:
+    return checkpoint.save_checkpoint(disk, step=step, signature="s", trainable=_tensors(megabytes),
+                                      optimizer_state={}, scheduler_state={}, lora_tensors=_tensors(megabytes),
+                                      lora_metadata={}, keep=keep, data_position={})
+
+
+def _steps(disk: Path) -> list[int]:
+    return [c.step for c in checkpoint.list_checkpoints(disk)]
+
+
+def test_a_disk_that_holds_the_kept_checkpoints_but_not_one_more_keeps_rolling(small_disk: Path) -> None:
+    """2 MB disk, checkpoints of ~0.7 MB, keep 2: the third fits only once the one the rotation drops
+    anyway is gone, so it goes first."""
+    _save(small_disk, 1, 0.35, keep=2)
+    _save(small_disk, 2, 0.35, keep=2)
+    assert _steps(small_disk) == [1, 2]
+    _save(small_disk, 3, 0.35, keep=2)
+    assert _steps(small_disk) == [2, 3]
+    _save(small_disk, 4, 0.35, keep=2)
+    assert _steps(small_disk) == [3, 4]
+
+
+def test_the_only_checkpoint_is_never_removed_to_make_room(small_disk: Path) -> None:
+    """keep 1: removing the one checkpoint first would leave none if the new save failed."""
+    _save(small_disk, 1, 0.6, keep=1)
+    with pytest.raises(fileio.DiskFullError, match="not enough disk space to save the checkpoint of step 2"):
+        _save(small_disk, 2, 0.6, keep=1)
+    assert _steps(small_disk) == [1]

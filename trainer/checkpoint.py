@@ -165,7 +165,20 @@ def save_checkpoint(output_dir: Path, *, step: int, signature: str, trainable: d
     tmp = root / f".step_{step:06d}.{os.getpid()}.tmp"
     shutil.rmtree(long_path(tmp), ignore_errors=True)
     needed = _tensor_bytes(trainable) + _tensor_bytes(optimizer_state) + _tensor_bytes(lora_tensors)
-    ensure_free_space(root, needed, f"the checkpoint of step {step}")
+    try:
+        ensure_free_space(root, needed, f"the checkpoint of step {step}")
+    except DiskFullError:
+        # The checkpoints the rotation deletes after this save, deleted first: a disk that holds `keep`
+        # checkpoints but not one more would otherwise skip every checkpoint from here on. Only while
+        # a newer one of this training stays, should this save fail after all.
+        victims, kept = _rotation(output_dir, keep, final, identity)
+        if not victims or not kept:
+            raise
+        for old in victims:
+            logger.info("removing %s before saving step %d, to make room (the rotation removes it after)",
+                        old.path.name, step)
+            shutil.rmtree(long_path(old.path), ignore_errors=True)
+        ensure_free_space(root, needed, f"the checkpoint of step {step}")
     Path(long_path(tmp)).mkdir(parents=True)
     filled_up: str | None = None
     try:
@@ -239,8 +252,15 @@ def _rotate(output_dir: Path, keep: int, saved: Path, identity: TrainingIdentity
     step count) are not this run's to delete: going back to those settings still resumes. And the one
     just saved never goes, even when a longer earlier run left checkpoints at higher steps.
     """
+    for old in _rotation(output_dir, keep, saved, identity)[0]:
+        shutil.rmtree(old.path, ignore_errors=True)
+
+
+def _rotation(output_dir: Path, keep: int, saved: Path,
+              identity: TrainingIdentity | None) -> tuple[list[Checkpoint], list[Checkpoint]]:
+    """(what ``_rotate`` deletes once ``saved`` is written, the others of this training it keeps)."""
     if keep <= 0:
-        return
+        return [], []
 
     def same(c: Checkpoint) -> bool:
         if identity is None or c.identity is None:
@@ -248,8 +268,8 @@ def _rotate(output_dir: Path, keep: int, saved: Path, identity: TrainingIdentity
         return identity.same_trajectory(c.identity)
 
     others = [c for c in list_checkpoints(output_dir) if c.path != saved and same(c)]
-    for old in others[: max(0, len(others) - (keep - 1))]:
-        shutil.rmtree(old.path, ignore_errors=True)
+    cut = max(0, len(others) - (keep - 1))
+    return others[:cut], others[cut:]
 
 
 def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
