@@ -70,6 +70,10 @@ class LatentCache:
                bucket: bucketing.Bucket | None = None) -> torch.Tensor:
         """A latent drawn from each image's posterior (mean + std * noise from ``gen``), stacked."""
         rows = [self.get(i, flip, bucket) for i, flip in zip(indices, flips, strict=True)]
-        mean = torch.stack([r[0] for r in rows])
-        std = torch.stack([r[1] for r in rows])
-        return mean + std * torch.randn(mean.shape, generator=gen).to(mean.device, mean.dtype)
+        return draw(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), gen)
+
+
+def draw(mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A latent from each posterior: ``mean + std * noise``, the noise drawn on the CPU from ``gen``
+    (the same numbers on every device)."""
+    return mean + std * torch.randn(mean.shape, generator=gen).to(mean.device, mean.dtype)

@@ -103,7 +103,7 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
     memory once: on a CPU, first-touch page faults cost more than the fp16 -> fp32 conversion itself,
     and a half-precision copy per tensor doubled the time to load a 2 GB checkpoint. The file stays
     open between reads until ``release()``. 4-D floating-point tensors (convolution weights) come back
-    in ``conv_memory_format`` (a layout the caller may set before reading them).
+    in ``conv_memory_format``. ``reading(dtype, layout)`` sets both for the tensors read inside it.
     """
 
     def __init__(self, path: Path, setting: str = "pretrained_model", *, load_dtype: torch.dtype | None = None) -> None:
@@ -142,6 +142,17 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
                           memory_format=layout or torch.contiguous_format)
         out.copy_(raw.view(dtype).reshape(entry.shape))
         return out
+
+    @contextlib.contextmanager
+    def reading(self, dtype: torch.dtype | None, layout: torch.memory_format = torch.contiguous_format) -> Iterator[None]:
+        """Tensors read inside come back in ``dtype`` (None: the file's) and, for convolution weights,
+        ``layout``; what was set before is set again after."""
+        before = self._load_dtype, self.conv_memory_format
+        self._load_dtype, self.conv_memory_format = dtype, layout
+        try:
+            yield
+        finally:
+            self._load_dtype, self.conv_memory_format = before
 
     def _read(self, key: str, into: torch.Tensor) -> None:
         try:
@@ -485,15 +496,11 @@ class _SingleFileSource:
         """Read the tensors of the component being built straight in its dtype (and convolution
         weights in ``layout``): an fp16 file trained in fp16 is never widened to fp32 and back - for
         SDXL's UNet that is 10 GB of RAM and seconds of copying saved."""
-        lazy = self.sd if isinstance(self.sd, LazySafetensors) else None
-        if lazy is None:
+        if not isinstance(self.sd, LazySafetensors):
             yield  # a .ckpt's tensors are in memory already; _load_into casts them once
             return
-        lazy._load_dtype, lazy.conv_memory_format = dtype, layout
-        try:
+        with self.sd.reading(dtype, layout):
             yield
-        finally:
-            lazy._load_dtype, lazy.conv_memory_format = torch.float32, torch.contiguous_format
 
     def unet(self, channels_last: bool, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
@@ -587,9 +594,10 @@ class _DiffusersFolderSource:
 
 
 class ModelSource:
-    """A base model opened for loading: each component is built when asked for, frozen, on the
-    CPU, in fp32 unless asked for another dtype (the VAE always). Loading one at a time lets a caller free what it no longer needs (e.g. the text
-    encoder once prompt embeddings are cached) before the next one is in memory."""
+    """A base model opened for loading: each component is built when asked for, frozen, on the CPU, in
+    fp32 unless asked for another dtype (the VAE always in fp32). Loading one at a time lets a caller
+    free what it no longer needs (e.g. the text encoder once prompt embeddings are cached) before the
+    next one is in memory."""
 
     def __init__(self, pretrained: str, *, prediction_type: str = "auto", cache_dir: Path | None = None) -> None:
         force_offline()

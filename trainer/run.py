@@ -26,7 +26,7 @@ from . import __version__, checkpoint, data, fileio, full_finetune, identity, lo
 from . import buckets as bucketing
 from .config import ConfigError, TrainConfig
 from .fileio import long_path
-from .latents import LatentCache
+from .latents import LatentCache, draw
 from .models import BaseModel, ModelSource, drop_vae_decoder
 from .prompts import Conditioning, encode_prompts, size_ids, token_ids, unet_kwargs
 from .protocol import Commands, EventWriter, StopRequested
@@ -651,7 +651,7 @@ class TrainingRun:
                  for j in range(bs)]
         bucket = self.instance_prepared[picks[0]].bucket
         if self.instance_latents is not None:
-            latents = self.instance_latents.sample(picks, flips, gen).to(self.device)
+            latents = self.instance_latents.sample(picks, flips, gen)
             geometry = [self.instance_prepared[i].geometry for i in picks]
         else:
             pixels, geometry = [], []
@@ -661,14 +661,13 @@ class TrainingRun:
                 t = data.image_to_tensor(crop)
                 pixels.append(t.flip(-1) if flips[j] else t)
                 geometry.append(where)
-            mean, std = self._encode_images(pixels)
-            latents = mean + std * torch.randn(mean.shape, generator=gen).to(self.device, mean.dtype)
+            latents = draw(*self._encode_images(pixels), gen)
         geometry = [g.flipped() if flip else g for g, flip in zip(geometry, flips, strict=True)]
         prompts = [self.captions[i] for i in picks]
         if self.class_latents is not None:
             class_picks = data.sample_stream(len(self.class_records), cfg.seed + 1, start, bs)
             in_bucket = bucket if cfg.aspect_buckets else None
-            latents = torch.cat([latents, self.class_latents.sample(class_picks, flips, gen, in_bucket).to(self.device)])
+            latents = torch.cat([latents, self.class_latents.sample(class_picks, flips, gen, in_bucket)])
             prompts += [cfg.class_prompt] * bs
             for i, flip in zip(class_picks, flips, strict=True):
                 square = self.class_prepared[i].geometry
